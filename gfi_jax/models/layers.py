@@ -1,0 +1,94 @@
+"""Building blocks shared by the model ports: PyTorch-exact pooling and the layer taps.
+
+All arrays are NHWC: `(B, H, W, C)`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def collect(stages: Iterator[tuple[str, jax.Array]], layers: Iterable[str]) -> dict[str, jax.Array]:
+    """Runs a model's `stages` generator until every requested layer has been seen.
+
+    Models yield `(name, activation)` after each named layer. Stopping the generator at the
+    deepest requested layer means later layers are never traced at all (stage 1 of GFI runs
+    the network only up to l0); under `jax.jit` unrequested intermediates are dead code.
+    """
+    wanted = set(layers)
+    out: dict[str, jax.Array] = {}
+    if not wanted:
+        return out
+    for name, x in stages:
+        if name in wanted:
+            out[name] = x
+            if len(out) == len(wanted):
+                break
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) averaging matrix with PyTorch's adaptive bins.
+
+    PyTorch bin i covers [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)); bins may overlap
+    when n_in is not a multiple of n_out, and repeat inputs when n_in < n_out.
+    """
+    p = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        lo = (i * n_in) // n_out
+        hi = -((-(i + 1) * n_in) // n_out)
+        p[i, lo:hi] = 1.0 / (hi - lo)
+    return p
+
+
+def adaptive_avg_pool(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+    """`torch.nn.AdaptiveAvgPool2d(out_hw)` on `(B, H, W, C)`, for any H, W.
+
+    Written as two small matmuls with static averaging matrices: exact bins for every
+    input size, and no gather. When the input already has the output size it is returned
+    as is (PyTorch's identity case, bit for bit).
+    """
+    _, h, w, _ = x.shape
+    oh, ow = out_hw
+    if (h, w) == (oh, ow):
+        return x
+    if (oh, ow) == (1, 1):
+        return jnp.mean(x, axis=(1, 2), keepdims=True)
+    ph = jnp.asarray(_pool_matrix(h, oh), x.dtype)
+    pw = jnp.asarray(_pool_matrix(w, ow), x.dtype)
+    return jnp.einsum("ih,bhwc,jw->bijc", ph, x, pw, precision=jax.lax.Precision.HIGHEST)
+
+
+def max_pool(x: jax.Array, k: int, s: int, pad: int = 0) -> jax.Array:
+    """`torch.nn.MaxPool2d(k, s, pad)` (floor mode): padding never wins the max."""
+    return nnx.max_pool(x, (k, k), (s, s), padding=((pad, pad), (pad, pad)))
+
+
+def conv(cin: int, cout: int, k: int, *, stride: int = 1, pad: int | str = 0, groups: int = 1,
+         bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+    """A conv with PyTorch's symmetric integer padding (or 'SAME', TensorFlow's rule)."""
+    padding = pad if isinstance(pad, str) else ((pad, pad), (pad, pad))
+    return nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=padding,
+                    feature_group_count=groups, use_bias=bias, dtype=dtype,
+                    param_dtype=jnp.float32, rngs=rngs)
+
+
+def batch_norm(c: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """Inference-mode BatchNorm (running statistics), with PyTorch's eps by default."""
+    return nnx.BatchNorm(c, use_running_average=True, epsilon=eps, dtype=dtype,
+                         param_dtype=jnp.float32, rngs=rngs)
+
+
+def linear(cin: int, cout: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(cin, cout, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def conv_out(n: int, k: int, s: int, pad: int) -> int:
+    """Spatial output size of a PyTorch conv / floor-mode pool."""
+    return (n + 2 * pad - k) // s + 1

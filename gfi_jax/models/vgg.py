@@ -1,0 +1,81 @@
+"""VGG-16 and VGG-19 (torchvision's `vgg16` / `vgg19`, no batch norm), NHWC.
+
+Layer names follow the paper: `conv1_1` … `conv5_4` (post-ReLU), `pool1` … `pool5`,
+`avgpool`, `fc6`, `fc7` (post-ReLU), `logits`.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gfi_jax.models.layers import adaptive_avg_pool, conv, linear, max_pool
+
+# Convs per block (torchvision configs "D" and "E").
+BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
+WIDTHS = (64, 128, 256, 512, 512)
+
+
+def layer_names(variant: str) -> tuple[str, ...]:
+    names = []
+    for b, n in enumerate(BLOCKS[variant], 1):
+        names += [f"conv{b}_{j}" for j in range(1, n + 1)] + [f"pool{b}"]
+    return (*names, "avgpool", "fc6", "fc7", "logits")
+
+
+def torch_aliases(variant: str) -> dict[str, str]:
+    """torchvision module paths -> our names.
+
+    torchvision's ReLUs are in-place, so a hook on `features.34` (conv5_4's Conv2d) sees the
+    same tensor as one on `features.35` (its ReLU) once the forward is done: both map to the
+    post-ReLU activation.
+    """
+    aliases, idx = {}, 0
+    for b, n in enumerate(BLOCKS[variant], 1):
+        for j in range(1, n + 1):
+            aliases[f"features.{idx}"] = aliases[f"features.{idx + 1}"] = f"conv{b}_{j}"
+            idx += 2
+        aliases[f"features.{idx}"] = f"pool{b}"
+        idx += 1
+    for i, name in enumerate(("fc6", "fc6", "fc6", "fc7", "fc7", "fc7", "logits")):
+        aliases[f"classifier.{i}"] = name
+    aliases["fc8"] = "logits"
+    return aliases
+
+
+class VGG(nnx.Module):
+    def __init__(self, variant: str = "vgg19", num_classes: int = 1000, *,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.variant = variant
+        self.dtype = dtype
+        convs, cin = [], 3
+        for n, width in zip(BLOCKS[variant], WIDTHS):
+            for _ in range(n):
+                convs.append(conv(cin, width, 3, pad=1, dtype=dtype, rngs=rngs))
+                cin = width
+        self.convs = nnx.List(convs)
+        self.fc6 = linear(512 * 7 * 7, 4096, dtype=dtype, rngs=rngs)
+        self.fc7 = linear(4096, 4096, dtype=dtype, rngs=rngs)
+        self.fc8 = linear(4096, num_classes, dtype=dtype, rngs=rngs)
+
+    def stages(self, x: jax.Array) -> Iterator[tuple[str, jax.Array]]:
+        """(B, H, W, 3) preprocessed images -> yields (name, activation) in forward order."""
+        x = x.astype(self.dtype)
+        i = 0
+        for b, n in enumerate(BLOCKS[self.variant], 1):
+            for j in range(1, n + 1):
+                x = nnx.relu(self.convs[i](x))
+                i += 1
+                yield f"conv{b}_{j}", x
+            x = max_pool(x, 2, 2)
+            yield f"pool{b}", x
+        x = adaptive_avg_pool(x, (7, 7))
+        yield "avgpool", x
+        x = x.reshape(x.shape[0], -1)  # H·W·C order; the converter reorders fc6 to match
+        x = nnx.relu(self.fc6(x))
+        yield "fc6", x
+        x = nnx.relu(self.fc7(x))
+        yield "fc7", x
+        yield "logits", self.fc8(x).astype(jnp.float32)
