@@ -4,6 +4,9 @@ import collections
 import importlib.util
 import os
 import pickle
+import subprocess
+import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -67,7 +70,7 @@ def _mixed_tensors():
         "f16": base.half(), "bf16": base.bfloat16(), "i64": torch.arange(-5, 5),
         "i32": torch.arange(7, dtype=torch.int32), "u8": torch.arange(250, 256, dtype=torch.uint8),
         "bool": base > 0, "transposed": base.t(), "strided": base[::2, 1::3],
-        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "param": torch.nn.Parameter(base[1]),
         "nested": [1, "two", (3.0, None, True), {"t": torch.ones(2, dtype=torch.int16)}],
     }
 
@@ -117,6 +120,15 @@ def test_efficientnet_lite0_published_checkpoint():
     got = read_checkpoint(path)
     assert_same(got, torch.load(path, weights_only=True))
     assert len(got) > 200
+
+
+def test_reading_never_imports_torch(tmp_path):
+    paths = [_save({"w": _torch().ones(3)}, tmp_path / f"{fmt}.pt", fmt) for fmt in FORMATS]
+    code = ("import sys; from weights_conversion.torch_reader import read_checkpoint\n"
+            f"for p in {[str(p) for p in paths]!r}: assert read_checkpoint(p)['w'].tolist() == [1.0] * 3\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
 
 
 @pytest.mark.parametrize("wrapper", ["state_dict", "model", "model_state_dict", None])
@@ -204,7 +216,9 @@ def _bad_file(kind: str, tmp_path: Path) -> Path:
                     raw = raw.replace(b"K\x00K\n\x85", b"K\x00K2\x85")
                 zout.writestr(n, raw)
     elif kind == "torchscript":
-        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+        with warnings.catch_warnings():  # torch.jit is deprecated in torch 2.14, still writes the format
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
     elif kind == "tar":
         import tarfile
 
