@@ -1,6 +1,7 @@
 """gfi-jax: Guided Feature Inversion (Du et al., KDD 2018) in JAX/Flax."""
 from gfi_jax.models import ARCHS, LoadedModel, get_arch, imagenet_classes, layer_shapes
 from gfi_jax.weights import load_model
+from gfi_jax.gfi import Config, Explanation, explain, preset
 
-__all__ = ["ARCHS", "LoadedModel", "get_arch", "imagenet_classes", "layer_shapes", "load_model"]
+__all__ = ["ARCHS", "Config", "Explanation", "explain", "preset", "LoadedModel", "get_arch", "imagenet_classes", "layer_shapes", "load_model"]
 __version__ = "0.1.0"

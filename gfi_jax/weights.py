@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -37,7 +38,7 @@ def default_weights_dir(name: str) -> Path:
 
 def flat_shapes(arch: Arch, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
     """Flat param key ("convs/0/kernel") -> shape, for the Flax port of `arch`."""
-    _, state = nnx.split(arch.abstract(num_classes))
+    _, state = arch.split(num_classes)
     return {"/".join(map(str, p)): tuple(v.get_value().shape)
             for p, v in nnx.to_flat_state(state)}
 
@@ -60,7 +61,8 @@ def state_from_flat(arch: Arch, flat: dict[str, np.ndarray], num_classes: int) -
         for p in parents:
             d = d.setdefault(p, {})
         d[leaf] = jnp.asarray(value, jnp.float32)
-    _, state = nnx.split(arch.abstract(num_classes))
+    _, abstract = arch.split(num_classes)
+    state = jax.tree.map(lambda a: a, abstract)  # a copy: the cached abstract state stays
     nnx.replace_by_pure_dict(state, nested)
     return state
 
@@ -91,6 +93,9 @@ def save_weights(out_dir: str | os.PathLike, flat: dict[str, np.ndarray], metada
     out = Path(out_dir).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a weights folder is for everyone
     try:
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(tmp / "params", _nest_str(flat))

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -99,7 +101,7 @@ def download_torchvision(arch: str) -> Path:
             raise ConversionError(f"{url}: downloaded file fails its hash check "
                                   f"(sha256 {h.hexdigest()[:8]}…, expected {prefix}…); try again")
         os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise ConversionError(
             f"cannot download {url} ({getattr(e, 'reason', e)}); if this machine is offline, "
             f"fetch that file elsewhere and pass --source PATH/{dest.name}") from None
@@ -120,13 +122,20 @@ def package_checkpoint() -> Path:
 
 
 def _check_writable(out: Path) -> None:
-    parent = out.parent
+    """ConversionError, before anything is read, when `out` cannot become a weights folder."""
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file of that name exists")
+        anc = out.parent
+        while not anc.exists():  # the nearest existing ancestor; save_weights makes the rest
+            anc = anc.parent
+        if not anc.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{anc} is a file, not a folder")
+        # Really try: os.access says yes to root everywhere, even on /proc or read-only mounts.
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=anc))
     except OSError as e:
-        raise ConversionError(f"cannot write to {out}: {e.strerror or e}; choose a writable --out") from None
-    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not out.is_dir()):
-        raise ConversionError(f"cannot write to {out}: not a writable folder; choose another --out")
+        raise ConversionError(f"cannot write to {out}: {e.strerror or e}; "
+                              "choose a writable --out") from None
 
 
 def convert(arch: str, source: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

@@ -47,6 +47,10 @@ class Arch:
         """The module with shape-only parameters: no memory, no FLOPs."""
         return nnx.eval_shape(lambda: self.build(num_classes, dtype=dtype, rngs=nnx.Rngs(0)))
 
+    def split(self, num_classes: int = 1000, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
+        """(graphdef, abstract state) of `abstract`, cached: building a module takes ~1 s."""
+        return _split(self.name, num_classes, jnp.dtype(dtype).name)
+
 
 def _vgg(variant: str, l1: str) -> Arch:
     return Arch(variant, functools.partial(vgg.VGG, variant), vgg.layer_names(variant),
@@ -71,6 +75,11 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
 )}
 
 
+@functools.lru_cache(maxsize=None)
+def _split(name: str, num_classes: int, dtype: str):
+    return nnx.split(ARCHS[name].abstract(num_classes, jnp.dtype(dtype)))
+
+
 def get_arch(name: str) -> Arch:
     try:
         return ARCHS[name]
@@ -80,13 +89,18 @@ def get_arch(name: str) -> Arch:
 
 def layer_shapes(name: str, size: int | tuple[int, int] = 224) -> dict[str, tuple[int, ...]]:
     """Every layer of `name` with its activation shape (without batch) at `size`."""
-    arch = get_arch(name)
-    h, w = (size, size) if isinstance(size, int) else size
-    graphdef, state = nnx.split(arch.abstract())
+    return dict(_layer_shapes(get_arch(name).name, (size, size) if isinstance(size, int) else tuple(size)))
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_shapes(name: str, size: tuple[int, int]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    arch = ARCHS[name]
+    h, w = size
+    graphdef, state = arch.split()
     spec = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
     out = jax.eval_shape(lambda s, x: collect(nnx.merge(graphdef, s).stages(x), arch.layers),
                          state, spec)
-    return {k: tuple(out[k].shape[1:]) for k in arch.layers}
+    return tuple((k, tuple(out[k].shape[1:])) for k in arch.layers)
 
 
 class LoadedModel:
@@ -106,7 +120,7 @@ class LoadedModel:
         self.preprocessing = preprocessing or arch.preprocessing
         self.dtype = jnp.dtype(dtype)
         self.metadata = dict(metadata or {})
-        self.graphdef, _ = nnx.split(arch.abstract(len(self.classes), self.dtype))
+        self.graphdef, _ = arch.split(len(self.classes), self.dtype)
         self._forward = jax.jit(self.features, static_argnames="layers")
 
     @property

@@ -1,0 +1,459 @@
+"""Guided Feature Inversion (Du, Liu, Song, Hu; KDD 2018): both stages in one XLA program.
+
+Notation follows the paper. For an image x with blurred background p, the mask is built
+from the channels of a high conv layer l1:   m = Σᵢ ωᵢ fᵢ^{l1}(x),  normalized and upsampled;
+the blends are   Φ = x⊙m + p⊙(1−m)   and   Φ_bg = x⊙(1−m) + p⊙m.
+Stage 1 (Alg. 1) fits ω so that f^{l0}(Φ) ≈ f^{l0}(x); stage 2 (Alg. 2) fine-tunes ω so
+that Φ keeps and Φ_bg loses the target class c. ω ≥ 0 is kept by projecting after every
+Adam step: the optimizer is `optax.chain(adam(schedule), project(0, ω_max))`.
+
+`gfi(features, params, images, targets, background, cfg)` is the pure program: any model
+works that offers `features(params, x, layers) -> {layer: activation}`. `explain(model, …)`
+is the convenience front end over a `gfi_jax.LoadedModel`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Features = Callable[[Any, jax.Array, Sequence[str]], dict]
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every hyper-parameter of GFI. `preset(name, **overrides)` gives the named ones."""
+    name: str = "reference"
+    l0: str | None = None                  # inversion layer (None: the architecture's default)
+    l1: str | None = None                  # mask-basis layer, the channels that ω weighs
+    same_layer: bool = True                # l1 unset: use l0 (released code) or the arch's l1
+    stage1_steps: int = 11
+    stage2_steps: int = 69
+    lr: float = 1e-2
+    lr_decay: float = 0.5                  # lr *= lr_decay every `lr_every` steps …
+    lr_every: int = 10
+    decay_in_stage1: bool = True           # … counted from the first step of stage 1, or
+    restart_stage2: bool = False           # a fresh Adam (and schedule) for stage 2
+    adam_eps: float = 1e-8
+    omega_init: float = 0.1
+    omega_max: float | None = 1e5          # projection: ω ← clip(ω, 0, omega_max)
+    inversion_error: Literal["sum", "relative"] = "relative"   # ‖Δf‖² or ‖Δf‖²/‖f(x)‖²
+    gamma: float = 5.0                     # stage-1 penalty weight
+    stage1_penalty: Literal["l1", "l2sq"] = "l2sq"
+    lam: float = 1.0                       # λ, weight of the suppress term f_c(Φ_bg)
+    delta: float = 2.0                     # stage-2 penalty weight
+    stage2_penalty: Literal["l1", "l2sq"] = "l2sq"
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    normalize: Literal["minmax", "max"] = "max"   # (m−min)/(max−min) or (m−min)/max
+    upsample_first: bool = True            # normalize after (True) or before upsampling
+    align_corners: bool = True             # bilinear upsampling grid
+    background: Literal["blur", "mean", "noise"] = "blur"
+    blur_sigma: float = 11.0               # in input pixels
+    seed: int = 0                          # for the noise background
+    trace_omega: bool = False              # also return ω after every step (N, steps, C)
+
+
+PRESETS = {
+    # The released code's behaviour (../shared/paper/authors-code-behaviour.md).
+    "reference": Config(),
+    # Equations 2–9 and Algorithms 1–2 as written.
+    "paper": Config(
+        name="paper", same_layer=False, stage1_steps=11, stage2_steps=71, decay_in_stage1=False,
+        restart_stage2=True, omega_max=None, inversion_error="sum", gamma=10.0,
+        stage1_penalty="l1", delta=1.0, stage2_penalty="l1", normalize="minmax",
+        upsample_first=False, align_corners=False),
+}
+
+
+def preset(name: str | Config = "reference", **overrides) -> Config:
+    """The named preset (or a Config) with fields overridden: `preset("paper", l1="conv5_3")`."""
+    if isinstance(name, Config):
+        base = name
+    elif name in PRESETS:
+        base = PRESETS[name]
+    else:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise ValueError(f"unknown config field(s) {sorted(unknown)}; "
+                         f"fields: {', '.join(f.name for f in dataclasses.fields(Config))}")
+    return dataclasses.replace(base, **overrides)
+
+
+_preset = preset  # `explain` takes an argument named `preset`
+
+
+# ----------------------------------------------------------------------------- optimizer
+def project(lo: float = 0.0, hi: float | None = None) -> optax.GradientTransformation:
+    """Projection onto [lo, hi] as the last link of an optax chain: ω + u ∈ [lo, hi]."""
+    def update(updates, state, params):
+        return jax.tree.map(lambda u, w: jnp.clip(w + u, lo, hi) - w, updates, params), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def schedules(cfg: Config) -> tuple[optax.Schedule, optax.Schedule]:
+    """Step size of (stage 1, stage 2), each as a function of its optimizer's step count."""
+    decayed = optax.exponential_decay(cfg.lr, cfg.lr_every, cfg.lr_decay, staircase=True)
+    return (decayed if cfg.decay_in_stage1 else optax.constant_schedule(cfg.lr)), decayed
+
+
+def optimizer(cfg: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    return optax.chain(optax.adam(schedule, eps=cfg.adam_eps), project(0.0, cfg.omega_max))
+
+
+def lr_trace(cfg: Config) -> np.ndarray:
+    """The step size of every step, stage 1 then stage 2: `(stage1_steps + stage2_steps,)`."""
+    s1, s2 = schedules(cfg)
+    off = 0 if cfg.restart_stage2 else cfg.stage1_steps
+    return np.array([float(s1(t)) for t in range(cfg.stage1_steps)]
+                    + [float(s2(t + off)) for t in range(cfg.stage2_steps)], np.float32)
+
+
+# ----------------------------------------------------------------------------- the mask
+@functools.lru_cache(maxsize=None)
+def interp_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
+    """(n_out, n_in) bilinear interpolation weights, PyTorch's `F.interpolate` grid."""
+    if align_corners:
+        src = np.arange(n_out) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    else:
+        src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = (src - i0).astype(np.float32)
+    w = np.zeros((n_out, n_in), np.float32)
+    np.add.at(w, (np.arange(n_out), i0), 1 - frac)
+    np.add.at(w, (np.arange(n_out), i1), frac)
+    return w
+
+
+def upsample(m: jax.Array, hw: tuple[int, int], align_corners: bool) -> jax.Array:
+    """Bilinear `(N, h, w) -> (N, H, W)` as two small matmuls.
+
+    The weights are broadcast over N and contracted as a batched dot so that forward and
+    backward are computed image by image (bitwise independent of the batch on XLA:CPU).
+    """
+    n = m.shape[0]
+    uh = jnp.broadcast_to(interp_matrix(m.shape[1], hw[0], align_corners), (n, hw[0], m.shape[1]))
+    uw = jnp.broadcast_to(interp_matrix(m.shape[2], hw[1], align_corners), (n, hw[1], m.shape[2]))
+    hi = jax.lax.Precision.HIGHEST
+    return jnp.einsum("nWw,nHw->nHW", uw, jnp.einsum("nHh,nhw->nHw", uh, m, precision=hi),
+                      precision=hi)
+
+
+def normalize(m: jax.Array, how: str) -> jax.Array:
+    """Per map: (m−min)/(max−min) or (m−min)/max; a flat or all-zero map becomes 0, not NaN."""
+    lo = m.min(axis=(1, 2), keepdims=True)
+    hi = m.max(axis=(1, 2), keepdims=True)
+    den = hi - lo if how == "minmax" else hi
+    safe = jnp.where(den > 0, den, 1.0)
+    return jnp.where(den > 0, (m - lo) / safe, 0.0)
+
+
+def mask(omega: jax.Array, f_l1: jax.Array, hw: tuple[int, int], cfg: Config) -> jax.Array:
+    """ω `(N, C)`, f^{l1} `(N, h, w, C)` -> m `(N, H, W)` in [0, 1]."""
+    m = jnp.einsum("nhwc,nc->nhw", f_l1, omega, precision=jax.lax.Precision.HIGHEST)
+    if cfg.upsample_first:
+        return normalize(upsample(m, hw, cfg.align_corners), cfg.normalize)
+    return upsample(normalize(m, cfg.normalize), hw, cfg.align_corners)
+
+
+def mask_l1(omega: jax.Array, f_l1: jax.Array, cfg: Config) -> jax.Array:
+    """The normalized mask at l1 resolution `(N, h, w)`."""
+    return normalize(jnp.einsum("nhwc,nc->nhw", f_l1, omega), cfg.normalize)
+
+
+@jax.custom_vjp
+def blend(x: jax.Array, p: jax.Array, m: jax.Array) -> jax.Array:
+    """Φ(x, m) = x⊙m + p⊙(1−m) for `(N, H, W, 3)` images and an `(N, H, W)` mask."""
+    m = m[..., None]
+    return x * m + p * (1.0 - m)
+
+
+def _blend_fwd(x, p, m):
+    return blend(x, p, m), (x, p, m)
+
+
+def _blend_bwd(res, g):
+    # ∂Φ/∂m summed over the colour channels in a fixed order: XLA's reduce over a 3-wide axis
+    # may associate differently per batch size, and GFI amplifies last-bit differences.
+    x, p, m = res
+    d = g * (x - p)
+    dm = d[..., 0] + d[..., 1] + d[..., 2] if x.shape[-1] == 3 else d.sum(-1)
+    return g * m[..., None], g * (1.0 - m[..., None]), dm
+
+
+blend.defvjp(_blend_fwd, _blend_bwd)
+
+
+# ----------------------------------------------------------------------------- backgrounds
+def gaussian_blur(images: jax.Array, sigma: float) -> jax.Array:
+    """Separable Gaussian blur of `(B, H, W, C)`, edges extended, kernel cut at 3σ.
+
+    Blur and the per-channel affine normalization commute, so blurring the preprocessed
+    image equals blurring the pixels and then normalizing.
+    """
+    r = max(int(np.ceil(3 * sigma)), 1)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k = jnp.asarray(k / k.sum(), images.dtype)
+    x = jnp.pad(images, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
+    h, w = images.shape[1:3]
+    x = sum(k[i] * x[:, i:i + h] for i in range(2 * r + 1))
+    return sum(k[i] * x[:, :, i:i + w] for i in range(2 * r + 1))
+
+
+def background(images: jax.Array, cfg: Config) -> jax.Array:
+    """p for `cfg.background` "blur" or "noise" (the "mean" colour needs the model's
+    normalization, so `explain` passes it as an explicit background)."""
+    if cfg.background == "blur":
+        return gaussian_blur(images, cfg.blur_sigma)
+    if cfg.background == "noise":
+        # One fixed noise image for all: an image's explanation must not depend on its batch.
+        noise = jax.random.normal(jax.random.PRNGKey(cfg.seed), images.shape[1:], images.dtype)
+        return jnp.broadcast_to(noise, images.shape)
+    raise ValueError(f"background {cfg.background!r} must be passed as an array")
+
+
+# ----------------------------------------------------------------------------- losses
+def rowdot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Σ a·b over all but the first axis, per row, written as a batched dot.
+
+    XLA:CPU vectorizes a plain `sum(axis=1)` differently for different batch sizes, so an
+    image's loss would change in the last bit with its batch; a dot with the batch as a
+    batch dimension is computed row by row.
+    """
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    return jnp.einsum("nk,nk->n", a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def class_score(logits: jax.Array, target: jax.Array, kind: str) -> jax.Array:
+    """f_c: softmax probability (single-label) or sigmoid (multi-label) of class `target`."""
+    logits = logits.astype(jnp.float32)
+    z = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
+    if kind == "sigmoid":
+        return jax.nn.sigmoid(z)
+    top = jax.lax.stop_gradient(logits.max(axis=1, keepdims=True))
+    e = jnp.exp(logits - top)
+    return jnp.exp(z - top[:, 0]) / rowdot(e, jnp.ones_like(e))
+
+
+def penalty(omega: jax.Array, kind: str) -> jax.Array:
+    """‖ω‖₁ or Σω², per row."""
+    return rowdot(jnp.abs(omega), jnp.ones_like(omega)) if kind == "l1" else rowdot(omega, omega)
+
+
+def _sumsq(a: jax.Array) -> jax.Array:
+    return rowdot(a, a)
+
+
+def resolve_targets(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """`(B, K)` class indices; an entry −k means "the class ranked k-th on the clean image"."""
+    ranked = jnp.argsort(-logits.astype(jnp.float32), axis=1, stable=True)
+    rank_idx = jnp.clip(-targets - 1, 0, logits.shape[1] - 1)
+    return jnp.where(targets >= 0, targets, jnp.take_along_axis(ranked, rank_idx, axis=1))
+
+
+# ----------------------------------------------------------------------------- the program
+def gfi(features: Features, params: Any, images: jax.Array, targets: jax.Array,
+        p: jax.Array | None, cfg: Config, sequential: bool = False) -> dict[str, jax.Array]:
+    """Both stages for a batch: images `(B, H, W, 3)`, targets `(B, K)` -> N = B·K explanations.
+
+    Stage 1 runs once per image and only up to l0; stage 2 runs once per (image, target),
+    evaluating Φ and Φ_bg in one forward of a 2K batch per image. Only ω is differentiated.
+    Losses are per image and summed, so each image's gradient and Adam state depend on that
+    image only. Mathematically that makes every image's answer independent of its batch;
+    bitwise it does not, because convolution kernels round differently for different batch
+    sizes (XLA:CPU's GEMM tiling puts an image's rows at other tile positions). With
+    `sequential=True` the images go through one after another (`lax.map`) inside the same
+    program, so each image runs exactly the computation it runs alone.
+    """
+    if not sequential:
+        return _gfi_batch(features, params, images, targets, p, cfg)
+    B, K = targets.shape
+    one = lambda a: _gfi_batch(features, params, a[0][None], a[1][None],  # noqa: E731
+                               None if a[2] is None else a[2][None], cfg)
+    out = jax.lax.map(one, (images, targets, p))
+    return jax.tree.map(lambda a: a.reshape(B * K, *a.shape[2:]), out)
+
+
+def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.Array,
+               p: jax.Array | None, cfg: Config) -> dict[str, jax.Array]:
+    l0, l1 = cfg.l0, cfg.l1
+    B, H, W, _ = images.shape
+    K = targets.shape[1]
+    images = images.astype(jnp.float32)
+    p = background(images, cfg) if p is None else p.astype(jnp.float32)
+    clean = features(params, images, (l0, l1, "logits"))
+    f0 = jax.lax.stop_gradient(clean[l0]).astype(jnp.float32)
+    f1 = jax.lax.stop_gradient(clean[l1]).astype(jnp.float32)
+    targets = resolve_targets(clean["logits"], targets)
+    s1, s2 = schedules(cfg)
+    opt1 = optimizer(cfg, s1)
+    opt2 = optimizer(cfg, s2) if cfg.restart_stage2 else opt1
+    f0_norm = _sumsq(f0)
+
+    def loss1(omega):
+        phi = blend(images, p, mask(omega, f1, (H, W), cfg))
+        err = _sumsq(features(params, phi, (l0,))[l0].astype(jnp.float32) - f0)
+        if cfg.inversion_error == "relative":
+            err = err / jnp.where(f0_norm > 0, f0_norm, 1.0)
+        per = err + cfg.gamma * penalty(omega, cfg.stage1_penalty)
+        return per.sum(), per
+
+    def step(loss, opt):
+        def body(carry, _):
+            omega, state = carry
+            (_, per), g = jax.value_and_grad(loss, has_aux=True)(omega)
+            updates, state = opt.update(g, state, omega)
+            omega = optax.apply_updates(omega, updates)
+            return (omega, state), (per, omega if cfg.trace_omega else None)
+        return body
+
+    omega = jnp.full((B, f1.shape[-1]), cfg.omega_init, jnp.float32)
+    (omega, state), (trace1, omegas1) = jax.lax.scan(
+        step(loss1, opt1), (omega, opt1.init(omega)), None, length=cfg.stage1_steps)
+
+    # Stage 2 runs per (image, target): repeat each image's stage-1 result K times.
+    rep = lambda a: a if a.ndim == 0 else jnp.repeat(a, K, axis=0)  # noqa: E731
+    x, pn, f1n, c = rep(images), rep(p), rep(f1), targets.reshape(-1)
+    omega = rep(omega)
+    state = opt2.init(omega) if cfg.restart_stage2 else jax.tree.map(rep, state)
+
+    def scores(omega):
+        m = mask(omega, f1n, (H, W), cfg)
+        both = jnp.concatenate([blend(x, pn, m), blend(x, pn, 1.0 - m)])  # Φ and Φ_bg
+        s = class_score(features(params, both, ("logits",))["logits"], jnp.concatenate([c, c]),
+                        cfg.score)
+        return s[:B * K], s[B * K:]
+
+    def loss2(omega):
+        s_fg, s_bg = scores(omega)
+        per = -s_fg + cfg.lam * s_bg + cfg.delta * penalty(omega, cfg.stage2_penalty)
+        return per.sum(), per
+
+    (omega, _), (trace2, omegas2) = jax.lax.scan(step(loss2, opt2), (omega, state), None,
+                                                 length=cfg.stage2_steps)
+    s_fg, s_bg = scores(omega)
+    extra = {}
+    if cfg.trace_omega:  # scan stacks steps first: (steps, N, C) -> (N, steps, C)
+        extra["omega_trace"] = jnp.concatenate(
+            [rep(omegas1.transpose(1, 0, 2)), omegas2.transpose(1, 0, 2)], axis=1)
+    return extra | {
+        "omega": omega,
+        "mask": mask(omega, f1n, (H, W), cfg),
+        "mask_l1": mask_l1(omega, f1n, cfg),
+        "target": c,
+        "score": class_score(rep(clean["logits"]), c, cfg.score),
+        "score_masked": s_fg,
+        "score_background": s_bg,
+        "loss_trace": jnp.concatenate([rep(trace1.T), trace2.T], axis=1),
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def compiled(features: Features, cfg: Config, sequential: bool = False) -> Callable:
+    """The jitted program for one (model, config); jit caches per input shape."""
+    return jax.jit(functools.partial(gfi, features, cfg=cfg, sequential=sequential))
+
+
+# ----------------------------------------------------------------------------- front end
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """N = B·K explanations, one per (image, target), as numpy arrays."""
+    mask: np.ndarray              # (N, H, W) in [0, 1], input resolution
+    mask_l1: np.ndarray           # (N, h, w) in [0, 1], l1 resolution
+    omega: np.ndarray             # (N, C) ω ≥ 0
+    target: np.ndarray            # (N,) class index
+    image_index: np.ndarray       # (N,) which input image
+    score: np.ndarray             # (N,) f_c(x), the clean image's class score
+    score_masked: np.ndarray      # (N,) f_c(Φ) with the final mask
+    score_background: np.ndarray  # (N,) f_c(Φ_bg)
+    loss_trace: np.ndarray        # (N, stage1_steps + stage2_steps), loss before each step
+    config: Config
+    omega_trace: np.ndarray | None = None  # (N, steps, C) ω after each step (cfg.trace_omega)
+
+
+def _targets_array(targets, batch: int, num_classes: int) -> np.ndarray:
+    """None | "topK" | "rankK" | int | per-image ints | (B, K) ints -> (B, K) int32."""
+    if targets is None:
+        targets = "top1"
+    if isinstance(targets, str):
+        kind, _, k = targets.partition("top") if targets.startswith("top") else targets.partition("rank")
+        if not k.isdigit() or int(k) < 1 or int(k) > num_classes:
+            raise ValueError(f"targets {targets!r} not understood; use 'top1', 'top3', 'rank2', "
+                             "a class index, or one index per image")
+        k = int(k)
+        ranks = -np.arange(1, k + 1) if targets.startswith("top") else np.array([-k])
+        return np.broadcast_to(ranks, (batch, len(ranks))).astype(np.int32)
+    t = np.asarray(targets)
+    if t.dtype.kind not in "iu":
+        raise ValueError(f"targets must be integers (class indices); got {t.dtype}")
+    if t.ndim == 0:
+        t = np.full((batch, 1), t)
+    elif t.ndim == 1:
+        t = t[:, None]
+    if t.ndim != 2 or t.shape[0] != batch:
+        raise ValueError(f"targets: expected one int, one per image ({batch}) or (images, K) ints;"
+                         f" got shape {np.shape(targets)}")
+    if t.min() < 0 or t.max() >= num_classes:
+        bad = int(t.min() if t.min() < 0 else t.max())
+        raise ValueError(f"target class {bad} is outside the model's {num_classes} classes "
+                         f"(0..{num_classes - 1})")
+    return t.astype(np.int32)
+
+
+def explain(model, images, targets=None, preset: str | Config = "reference",
+            background=None, sequential: bool | None = None) -> Explanation:
+    """Explains `images` `(B, H, W, 3)` (preprocessed for `model`) with GFI.
+
+    targets: None or "top1" (default), "topK" (K explanations per image), "rankK" (the
+    K-th ranked class), an int for all images, one int per image, or `(B, K)` ints.
+    background: None (the config's: blur / mean / noise) or an explicit `(B, H, W, 3)` p.
+    sequential: explain the images one after another inside the program, so that each gets
+    bit for bit the answer it gets alone (see `gfi`). Default: on CPU yes, on accelerators
+    no (there the batch is what makes it fast).
+    """
+    cfg = _preset(preset)
+    arch = model.arch
+    l0 = arch.resolve(cfg.l0 or arch.l0)
+    l1 = arch.resolve(cfg.l1) if cfg.l1 else (l0 if cfg.same_layer else arch.l1)
+    cfg = dataclasses.replace(cfg, l0=l0, l1=l1)
+    images = np.asarray(images, np.float32)
+    model.check_images(images)
+    if not np.isfinite(images).all():
+        raise ValueError("images contain NaN or Inf pixels; check the decoding and preprocessing")
+    B, H, W, _ = images.shape
+    check_layers(model, cfg, (H, W))
+    t = _targets_array(targets, B, len(model.classes))
+    if background is None and cfg.background == "mean":
+        color = model.preprocessing.normalize(np.asarray(model.preprocessing.mean) * 255.0)
+        background = np.broadcast_to(color.astype(np.float32), images.shape)
+    if background is not None:
+        background = np.asarray(background, np.float32)
+        if background.shape != images.shape:
+            raise ValueError(f"background must have the images' shape {images.shape}; "
+                             f"got {background.shape}")
+    if sequential is None:
+        sequential = jax.default_backend() == "cpu"
+    out = compiled(model.features, cfg, sequential)(model.params, images, t, background)
+    out = jax.device_get(out)
+    return Explanation(image_index=np.repeat(np.arange(B), t.shape[1]), config=cfg,
+                       **{k: np.asarray(v) for k, v in out.items()})
+
+
+def check_layers(model, cfg: Config, hw: tuple[int, int]) -> None:
+    """Clear errors, before compiling, for l0/l1 choices that cannot work."""
+    from gfi_jax.models import layer_shapes  # shapes by abstract evaluation: no FLOPs
+    shapes = layer_shapes(model.arch.name, hw)
+    s1 = shapes[cfg.l1]
+    if len(s1) != 3:
+        raise ValueError(f"l1 must be a convolutional layer with a spatial map; {cfg.l1!r} "
+                         f"has shape {s1}. Conv layers of {model.arch.name}: "
+                         f"{', '.join(n for n, s in shapes.items() if len(s) == 3)}")
+    if s1[0] > hw[0] or s1[1] > hw[1]:
+        raise ValueError(f"l1 {cfg.l1!r} map {s1[:2]} is larger than the input {hw}")

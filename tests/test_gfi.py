@@ -1,0 +1,207 @@
+"""The GFI engine: batching, projection, schedules, target handling, compilation, bad input."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import gfi_jax
+from gfi_jax import gfi as G
+from gfi_jax.models import LoadedModel, get_arch, imagenet_classes
+
+SHORT = dict(stage1_steps=3, stage2_steps=4)
+
+
+def random_model(name: str, seed: int = 0) -> LoadedModel:
+    """A zoo model with Flax's random init: no download, no torch."""
+    arch = get_arch(name)
+    return LoadedModel(arch, nnx.state(arch.build(rngs=nnx.Rngs(seed))), classes=imagenet_classes())
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return random_model("resnet18")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.RandomState(0).randn(4, 64, 64, 3).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["reference", "paper"])
+def test_batch_equals_single_runs_bit_for_bit(resnet, images, name):
+    cfg = gfi_jax.preset(name, **SHORT)
+    batch = gfi_jax.explain(resnet, images, preset=cfg)
+    for i in range(len(images)):
+        alone = gfi_jax.explain(resnet, images[i:i + 1], preset=cfg)
+        for field in ("omega", "mask", "mask_l1", "loss_trace", "target", "score", "score_masked"):
+            np.testing.assert_array_equal(getattr(batch, field)[i:i + 1], getattr(alone, field),
+                                          err_msg=f"{field} of image {i}")
+
+
+def test_outputs_shapes_ranges_and_projection(resnet, images):
+    cfg = gfi_jax.preset("reference", trace_omega=True, omega_init=0.2, omega_max=0.15, **SHORT)
+    e = gfi_jax.explain(resnet, images, preset=cfg)
+    n, steps = len(images), cfg.stage1_steps + cfg.stage2_steps
+    assert e.mask.shape == (n, 64, 64) and e.mask_l1.shape == (n, 2, 2)
+    assert e.omega.shape == (n, 512) and e.loss_trace.shape == (n, steps)
+    assert e.omega_trace.shape == (n, steps, 512)
+    # The projection holds after every single step, at both bounds.
+    hi = np.float32(0.15)
+    assert (e.omega_trace >= 0).all() and (e.omega_trace <= hi).all()
+    assert (e.omega_trace == hi).any()  # the upper bound was reached, and held
+    for m in (e.mask, e.mask_l1):
+        assert np.isfinite(m).all() and m.min() >= 0 and m.max() <= 1
+    assert np.isfinite(e.loss_trace).all()
+    np.testing.assert_array_equal(e.omega, e.omega_trace[:, -1])
+
+
+def test_stage1_runs_once_per_image_and_is_shared_across_targets(resnet, images):
+    cfg = gfi_jax.preset("reference", **SHORT)
+    two = gfi_jax.explain(resnet, images, targets="top2", preset=cfg)
+    one = gfi_jax.explain(resnet, images, targets="top1", preset=cfg)
+    s1 = cfg.stage1_steps
+    logits = np.asarray(resnet(images)["logits"])
+    ranked = np.argsort(-logits, axis=1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(two.target.reshape(-1, 2), ranked)
+    np.testing.assert_array_equal(two.image_index, np.repeat(np.arange(len(images)), 2))
+    trace = two.loss_trace.reshape(len(images), 2, -1)
+    np.testing.assert_array_equal(trace[:, 0, :s1], trace[:, 1, :s1])
+    np.testing.assert_array_equal(trace[:, 0], one.loss_trace)
+    np.testing.assert_array_equal(two.omega[::2], one.omega)
+    # Explicit (B, K) targets and the k-th ranked class.
+    explicit = gfi_jax.explain(resnet, images, targets=ranked, preset=cfg)
+    np.testing.assert_array_equal(explicit.omega, two.omega)
+    second = gfi_jax.explain(resnet, images, targets="rank2", preset=cfg)
+    np.testing.assert_array_equal(second.target, ranked[:, 1])
+
+
+def test_scores_match_the_model(resnet, images):
+    e = gfi_jax.explain(resnet, images, targets=[1, 2, 3, 4], preset=gfi_jax.preset(**SHORT))
+    logits = np.asarray(resnet(images)["logits"], np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(e.score, p[np.arange(4), [1, 2, 3, 4]], rtol=1e-4)
+    sig = gfi_jax.explain(resnet, images, targets=[1, 2, 3, 4],
+                          preset=gfi_jax.preset(score="sigmoid", **SHORT))
+    np.testing.assert_allclose(sig.score, 1 / (1 + np.exp(-logits[np.arange(4), [1, 2, 3, 4]])),
+                               rtol=1e-4)
+
+
+def test_step_size_schedules():
+    paper = G.lr_trace(gfi_jax.preset("paper"))
+    expected = [1e-2] * 11 + [1e-2 * 0.5 ** (t // 10) for t in range(71)]
+    np.testing.assert_allclose(paper, expected, rtol=1e-6)
+    ref = G.lr_trace(gfi_jax.preset("reference"))
+    np.testing.assert_allclose(ref, [1e-2 * 0.5 ** (s // 10) for s in range(80)], rtol=1e-6)
+    assert ref[11] == pytest.approx(5e-3)  # stage 2 of the released code starts at 5e-3
+
+
+def test_presets_and_overrides():
+    p = gfi_jax.preset("reference", l0="head", l1="head")
+    assert (p.l0, p.l1, p.gamma, p.stage2_steps) == ("head", "head", 5.0, 69)
+    q = gfi_jax.preset("paper")
+    assert (q.gamma, q.delta, q.lam, q.stage1_steps, q.stage2_steps) == (10.0, 1.0, 1.0, 11, 71)
+    assert q.omega_init == 0.1 and q.lr == 1e-2 and q.omega_max is None
+    with pytest.raises(ValueError, match="unknown preset"):
+        gfi_jax.preset("fast")
+    with pytest.raises(ValueError, match="unknown config field"):
+        gfi_jax.preset("paper", gama=3)
+
+
+def test_layer_defaults_follow_the_preset(resnet, images):
+    ref = gfi_jax.explain(resnet, images[:1], preset=gfi_jax.preset(**SHORT))
+    assert (ref.config.l0, ref.config.l1) == ("layer4", "layer4")  # released code: one layer
+    pap = gfi_jax.explain(resnet, images[:1], preset=gfi_jax.preset("paper", **SHORT))
+    assert (pap.config.l0, pap.config.l1) == ("layer4", "layer4.1.act1")  # Sec. 4.1.1
+    alias = gfi_jax.explain(resnet, images[:1], preset=gfi_jax.preset(l0="layer4.1", **SHORT))
+    np.testing.assert_array_equal(alias.omega, ref.omega)
+
+
+def test_second_call_with_new_images_does_not_recompile(resnet, images):
+    cfg = gfi_jax.preset("reference", stage1_steps=2, stage2_steps=2)  # used by no other test
+    sequential = jax.default_backend() == "cpu"  # explain's default
+    fn = G.compiled(resnet.features, gfi_jax.explain(resnet, images, preset=cfg).config, sequential)
+    before = fn._cache_size()
+    gfi_jax.explain(resnet, images[::-1] * 0.5, preset=cfg)
+    gfi_jax.explain(resnet, images + 1.0, targets=[5, 6, 7, 8], preset=cfg)
+    assert fn._cache_size() == before == 1
+
+
+def test_backgrounds(resnet, images):
+    cfg = gfi_jax.preset(**SHORT)
+    p = np.zeros_like(images)
+    explicit = gfi_jax.explain(resnet, images, preset=cfg, background=p)
+    # For ImageNet mean/std models the mean colour is 0 after normalization.
+    mean = gfi_jax.explain(resnet, images, preset=gfi_jax.preset(background="mean", **SHORT))
+    np.testing.assert_allclose(mean.omega, explicit.omega, rtol=1e-5, atol=1e-7)
+    noise = gfi_jax.explain(resnet, images, preset=gfi_jax.preset(background="noise", **SHORT))
+    assert np.isfinite(noise.mask).all()
+    blurred = np.asarray(G.gaussian_blur(images, 11.0))
+    assert blurred.std() < images.std() / 3
+    np.testing.assert_allclose(blurred.mean(), images.mean(), atol=0.05)
+    with pytest.raises(ValueError, match="background must have"):
+        gfi_jax.explain(resnet, images, preset=cfg, background=p[:2])
+
+
+def test_degenerate_inputs_never_give_nan(images):
+    base = random_model("resnet18")
+    zero = LoadedModel(base.arch, jax.tree.map(lambda a: a * 0, base.params), classes=base.classes)
+    for model, x in ((zero, images), (random_model("resnet18"), np.full_like(images, 0.7))):
+        for name in ("reference", "paper"):
+            e = gfi_jax.explain(model, x, preset=gfi_jax.preset(name, trace_omega=True, **SHORT))
+            for field in ("mask", "mask_l1", "omega", "loss_trace", "omega_trace", "score_masked"):
+                assert np.isfinite(getattr(e, field)).all(), (name, field)
+            assert e.mask.min() >= 0 and e.mask.max() <= 1
+
+
+def test_omega_driven_to_zero_gives_zero_mask_not_nan():
+    f1 = np.random.RandomState(0).rand(2, 3, 3, 8).astype(np.float32)
+    for how in ("minmax", "max"):
+        cfg = gfi_jax.preset(normalize=how)
+        m = np.asarray(G.mask(np.zeros((2, 8), np.float32), f1, (12, 12), cfg))
+        assert np.isfinite(m).all() and (m == 0).all()
+
+
+def test_interpolation_matches_pytorch():
+    torch = pytest.importorskip("torch")
+    m = np.random.RandomState(1).rand(2, 5, 7).astype(np.float32)
+    for ac in (True, False):
+        ref = torch.nn.functional.interpolate(torch.from_numpy(m)[:, None], size=(23, 31),
+                                              mode="bilinear", align_corners=ac)[:, 0].numpy()
+        np.testing.assert_allclose(np.asarray(G.upsample(m, (23, 31), ac)), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(images=np.zeros((64, 64, 3), np.float32)), r"\(B, H, W, 3\)"),
+    (dict(images=np.zeros((1, 64, 64, 4), np.float32)), r"\(B, H, W, 3\)"),
+    (dict(images=np.zeros((1, 16, 16, 3), np.float32)), "at least 32"),
+    (dict(images=np.full((1, 64, 64, 3), np.nan, np.float32)), "NaN"),
+    (dict(targets=[1000]), "outside the model's 1000 classes"),
+    (dict(targets=[-3]), "outside"),
+    (dict(targets="top0"), "not understood"),
+    (dict(targets=[1, 2]), "one per image"),
+    (dict(preset=gfi_jax.preset(l1="conv9")), "no layer 'conv9'.*valid layers: conv1"),
+    (dict(preset=gfi_jax.preset(l0="nope")), "no layer 'nope'"),
+    (dict(preset=gfi_jax.preset(l1="logits")), "l1 must be a convolutional layer"),
+    (dict(preset=gfi_jax.preset(l1="avgpool")), None),  # a 1×1 map upsamples to a constant
+])
+def test_bad_input_fails_before_compiling(resnet, monkeypatch, kwargs, message):
+    args = dict(images=np.zeros((1, 64, 64, 3), np.float32), targets=None,
+                preset=gfi_jax.preset(**SHORT))
+    args.update(kwargs)
+    if message is None:
+        e = gfi_jax.explain(resnet, **args)
+        assert np.isfinite(e.mask).all()
+        return
+    monkeypatch.setattr(G, "compiled", lambda *a: pytest.fail("compiled before validating"))
+    with pytest.raises(ValueError, match=message):
+        gfi_jax.explain(resnet, **args)
+
+
+def test_bfloat16_keeps_optimizer_state_in_float32(images):
+    model = random_model("resnet18").astype("bfloat16")
+    e = gfi_jax.explain(model, images[:2], preset=gfi_jax.preset(**SHORT))
+    assert e.omega.dtype == np.float32 and e.mask.dtype == np.float32
+    assert np.isfinite(e.mask).all()
