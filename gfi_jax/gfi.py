@@ -147,12 +147,16 @@ def upsample(m: jax.Array, hw: tuple[int, int], align_corners: bool) -> jax.Arra
 
 
 def normalize(m: jax.Array, how: str) -> jax.Array:
-    """Per map: (m−min)/(max−min) or (m−min)/max; a flat or all-zero map becomes 0, not NaN."""
+    """Per map: (m−min)/(max−min) ("minmax") or (m−min)/max ("max").
+
+    Guard: where the denominator is 0 (a flat or all-zero map, e.g. ω driven to 0) it is
+    replaced by 1, so the result is m − min = 0 and no NaN appears, while the gradient of
+    m − min still flows and ω can leave 0 again (a zeroed result would freeze ω at 0).
+    """
     lo = m.min(axis=(1, 2), keepdims=True)
     hi = m.max(axis=(1, 2), keepdims=True)
     den = hi - lo if how == "minmax" else hi
-    safe = jnp.where(den > 0, den, 1.0)
-    return jnp.where(den > 0, (m - lo) / safe, 0.0)
+    return (m - lo) / jnp.where(den > 0, den, 1.0)
 
 
 def mask(omega: jax.Array, f_l1: jax.Array, hw: tuple[int, int], cfg: Config) -> jax.Array:
@@ -165,7 +169,8 @@ def mask(omega: jax.Array, f_l1: jax.Array, hw: tuple[int, int], cfg: Config) ->
 
 def mask_l1(omega: jax.Array, f_l1: jax.Array, cfg: Config) -> jax.Array:
     """The normalized mask at l1 resolution `(N, h, w)`."""
-    return normalize(jnp.einsum("nhwc,nc->nhw", f_l1, omega), cfg.normalize)
+    m = jnp.einsum("nhwc,nc->nhw", f_l1, omega, precision=jax.lax.Precision.HIGHEST)
+    return normalize(m, cfg.normalize)
 
 
 @jax.custom_vjp
@@ -243,8 +248,15 @@ def class_score(logits: jax.Array, target: jax.Array, kind: str) -> jax.Array:
 
 
 def penalty(omega: jax.Array, kind: str) -> jax.Array:
-    """‖ω‖₁ or Σω², per row."""
-    return rowdot(jnp.abs(omega), jnp.ones_like(omega)) if kind == "l1" else rowdot(omega, omega)
+    """‖ω‖₁ or Σω², per row.
+
+    ‖ω‖₁ is written as ω·sign(ω) so that its gradient at ω = 0 is sign(0) = 0, as in PyTorch
+    (the authors' framework); `jnp.abs` has gradient 1 at 0, which would keep pushing a
+    projected-to-zero ωᵢ into the bound and build up Adam momentum there.
+    """
+    if kind == "l1":
+        return rowdot(omega, jax.lax.stop_gradient(jnp.sign(omega)))
+    return rowdot(omega, omega)
 
 
 def _sumsq(a: jax.Array) -> jax.Array:
@@ -282,7 +294,7 @@ def gfi(features: Features, params: Any, images: jax.Array, targets: jax.Array,
 
 
 def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.Array,
-               p: jax.Array | None, cfg: Config) -> dict[str, jax.Array]:
+               p: jax.Array | None, cfg: Config, unroll: bool = False) -> dict[str, jax.Array]:
     l0, l1 = cfg.l0, cfg.l1
     B, H, W, _ = images.shape
     K = targets.shape[1]
@@ -316,7 +328,8 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
 
     omega = jnp.full((B, f1.shape[-1]), cfg.omega_init, jnp.float32)
     (omega, state), (trace1, omegas1) = jax.lax.scan(
-        step(loss1, opt1), (omega, opt1.init(omega)), None, length=cfg.stage1_steps)
+        step(loss1, opt1), (omega, opt1.init(omega)), None, length=cfg.stage1_steps,
+        unroll=unroll)
 
     # Stage 2 runs per (image, target): repeat each image's stage-1 result K times.
     rep = lambda a: a if a.ndim == 0 else jnp.repeat(a, K, axis=0)  # noqa: E731
@@ -337,7 +350,7 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
         return per.sum(), per
 
     (omega, _), (trace2, omegas2) = jax.lax.scan(step(loss2, opt2), (omega, state), None,
-                                                 length=cfg.stage2_steps)
+                                                 length=cfg.stage2_steps, unroll=unroll)
     s_fg, s_bg = scores(omega)
     extra = {}
     if cfg.trace_omega:  # scan stacks steps first: (steps, N, C) -> (N, steps, C)
@@ -457,3 +470,61 @@ def check_layers(model, cfg: Config, hw: tuple[int, int]) -> None:
                          f"{', '.join(n for n, s in shapes.items() if len(s) == 3)}")
     if s1[0] > hw[0] or s1[1] > hw[1]:
         raise ValueError(f"l1 {cfg.l1!r} map {s1[:2]} is larger than the input {hw}")
+
+
+# ----------------------------------------------------------------------------- cost
+def _matmul_flops(jaxpr) -> float:
+    """2·MACs of every convolution and dot in a jaxpr, loops multiplied by their length."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            out = eqn.outvars[0].aval.shape
+            dn = eqn.params["dimension_numbers"]
+            k_spatial = np.prod([rhs[d] for d in dn.rhs_spec[2:]])
+            c_in = rhs[dn.rhs_spec[1]]
+            total += 2.0 * np.prod(out) * k_spatial * c_in
+        elif name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
+        times = eqn.params.get("length", 1) if name == "scan" else 1
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            total += times * _matmul_flops(sub)
+    return total
+
+
+def flops(model, cfg: Config, hw: tuple[int, int] = (224, 224)) -> dict[str, float]:
+    """FLOPs per explanation (one image, one target): XLA's cost analysis and the analytic count.
+
+    analytic: forward + input-gradient FLOPs of the convolutions and matmuls over all steps —
+    the clean forward F, stage 1 S₁·(F_l0 forward + F_l0 input gradient), stage 2
+    S₂·2·(F + F) for Φ and Φ_bg, and the final 2F scoring pass (an input gradient costs what
+    the forward costs). xla: `cost_analysis()` of the compiled program. XLA counts a loop body
+    once, so the program is compiled with unrolled loops at 1–2 steps per stage and the
+    (exactly linear) step dependence is extrapolated to the configured step counts.
+    """
+    arch = model.arch
+    l0 = arch.resolve(cfg.l0 or arch.l0)
+    l1 = arch.resolve(cfg.l1) if cfg.l1 else (l0 if cfg.same_layer else arch.l1)
+    cfg = dataclasses.replace(cfg, l0=l0, l1=l1, trace_omega=False)
+    x = jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32)
+    fwd = lambda layers: _matmul_flops(jax.make_jaxpr(  # noqa: E731
+        lambda p, x: model.features(p, x, layers))(model.params, x).jaxpr)
+    f_full, f_l0 = fwd(("logits",)), fwd((l0,))
+    s1, s2 = cfg.stage1_steps, cfg.stage2_steps
+    analytic = f_full + s1 * 2 * f_l0 + s2 * 4 * f_full + 2 * f_full
+
+    def xla(n1: int, n2: int) -> float:
+        c = dataclasses.replace(cfg, stage1_steps=n1, stage2_steps=n2)
+        fn = jax.jit(functools.partial(_gfi_batch, model.features, cfg=c, unroll=True))
+        t = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+        ca = fn.lower(model.params, x, t, None).compile().cost_analysis()
+        return float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
+
+    base = xla(1, 1)
+    per1, per2 = xla(2, 1) - base, xla(1, 2) - base
+    return {"xla": base + (s1 - 1) * per1 + (s2 - 1) * per2, "analytic": analytic,
+            "forward": f_full, "forward_to_l0": f_l0,
+            "xla_stage1_step": per1, "xla_stage2_step": per2}

@@ -72,6 +72,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def blurred_background(img: Image.Image, preprocessing: Preprocessing,
+                       radius: float = 11.0) -> np.ndarray:
+    """The released code's background p: PIL's GaussianBlur(radius) of the full-resolution
+    image, *then* the same resize/crop/normalization as the input. Pass the result (stacked)
+    as `explain(..., background=p)`; by default p is blurred on device instead."""
+    from PIL import ImageFilter
+    return preprocessing(to_rgb(img).filter(ImageFilter.GaussianBlur(radius)))
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Opens and fully decodes an image file as RGB, or raises ValueError with the reason."""
     try:

@@ -205,3 +205,28 @@ def test_bfloat16_keeps_optimizer_state_in_float32(images):
     e = gfi_jax.explain(model, images[:2], preset=gfi_jax.preset(**SHORT))
     assert e.omega.dtype == np.float32 and e.mask.dtype == np.float32
     assert np.isfinite(e.mask).all()
+
+
+def test_host_side_background_is_a_blur_of_the_original(resnet):
+    from PIL import Image
+    from gfi_jax import io
+    rgb = (np.random.RandomState(0).rand(300, 400, 3) * 255).astype(np.uint8)
+    img = Image.fromarray(rgb)
+    p = io.blurred_background(img, resnet.preprocessing)
+    x = resnet.preprocess(img)
+    assert p.shape == x.shape == (224, 224, 3)
+    assert p.std(axis=(0, 1)).max() < x.std(axis=(0, 1)).min() / 5  # per colour channel
+    e = gfi_jax.explain(resnet, x[None], preset=gfi_jax.preset(**SHORT), background=p[None])
+    assert np.isfinite(e.mask).all()
+
+
+def test_flops_no_waste_and_xla_agrees_with_the_analytic_count():
+    """Stage 1 runs only to l0; per explanation XLA's count is within 15% of forward +
+    input-gradient FLOPs over all steps (no parameter gradients, no forwards thrown away)."""
+    model = random_model("efficientnet_lite0")
+    full = G.flops(model, gfi_jax.preset(), (224, 224))
+    assert 0.85 <= full["xla"] / full["analytic"] <= 1.15, full
+    early = G.flops(model, gfi_jax.preset(l0="blocks.5", l1="head"), (224, 224))
+    assert early["forward_to_l0"] < 0.4 * full["forward_to_l0"]
+    assert early["xla_stage1_step"] < 0.6 * full["xla_stage1_step"], (early, full)
+    assert abs(early["xla_stage2_step"] / full["xla_stage2_step"] - 1) < 0.05
