@@ -54,7 +54,9 @@ def main() -> int:
         "S₂·4·F (stage 2: Φ and Φ_bg, forward + input gradient) + 2·F (final scores), counting "
         "2·MACs of every convolution and matmul over its full (padded) window. XLA's cost "
         "analysis counts only the taps that fall inside the image, so it is lower where feature "
-        "maps are small and padding is a large share (the 7×7 maps of the last stage).", "",
+        "maps are small and padding is a large share (the 7×7 maps of the last stage), and it "
+        "counts the input gradient of a strided convolution over the zero-dilated input, so it "
+        "is higher for EfficientNet, whose stride-2 layers work at high resolution.", "",
         *rows, ""])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,13 +59,18 @@ def compare(model, torch_features, images, name, l0, l1, strict=True):
     # nearly cancel, so they are compared on the probability scale (atol) as well.
     np.testing.assert_allclose(ours.loss_trace[:, s1:s1 + 5], ref["loss"][:, s1:s1 + 5],
                                rtol=1e-4, atol=1e-4, err_msg=f"{name}: stage-2 loss, first 5 steps")
-    # ω of one image is a vector: it agrees to 1e-4 relative in norm at every early step.
-    # (Single coordinates whose gradient is ~0 can move by a few 1e-4 of ‖ω‖: Adam's eps turns
-    # rounding-level gradients into steps of up to lr, the noise the engine issue describes.)
+    # ω of one image is a vector: it agrees to 1e-4 relative in norm at every early step
+    # where ω has not collapsed (relative error means nothing at ω ≈ 0: the released code's
+    # 5Σω² drives ω to ~0 by the end of stage 1, and stage 2 starts there). Single coordinates
+    # whose gradient is ~0 can move by a few 1e-4 of ‖ω‖: Adam's eps turns rounding-level
+    # gradients into steps of up to lr, the noise the engine issue describes.
     early = np.r_[0:5, s1:s1 + 5]
     a, b = ours.omega_trace[:, early], ref["omega_trace"][:, early]
-    rel = np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-12)
-    assert rel.max() <= 1e-4, f"{name}: ω relative error per (image, step) {rel.round(7)}"
+    norm = np.linalg.norm(b, axis=-1)
+    alive = norm >= 0.1 * cfg.omega_init * np.sqrt(b.shape[-1])
+    assert alive[:, :5].all()  # stage 1 is always compared
+    rel = np.linalg.norm(a - b, axis=-1) / np.maximum(norm, 1e-12)
+    assert rel[alive].max() <= 1e-4, f"{name}: ω relative error per (image, step) {rel.round(7)}"
     return r
 
 
