@@ -104,8 +104,3 @@ class Dense(nnx.Linear):
 
 def linear(cin: int, cout: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> Dense:
     return Dense(cin, cout, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-
-def conv_out(n: int, k: int, s: int, pad: int) -> int:
-    """Spatial output size of a PyTorch conv / floor-mode pool."""
-    return (n + 2 * pad - k) // s + 1
