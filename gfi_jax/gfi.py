@@ -18,6 +18,7 @@ import functools
 from typing import Any, Callable, Literal, Sequence
 
 import jax
+import jax.extend.core  # noqa: F401  (jaxprs_in_params, for the FLOPs count)
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -490,7 +491,7 @@ def _matmul_flops(jaxpr) -> float:
             lhs = eqn.invars[0].aval.shape
             total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
         times = eqn.params.get("length", 1) if name == "scan" else 1
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             total += times * _matmul_flops(sub)
     return total
 
