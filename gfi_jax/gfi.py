@@ -397,7 +397,7 @@ def _targets_array(targets, batch: int, num_classes: int) -> np.ndarray:
     if targets is None:
         targets = "top1"
     if isinstance(targets, str):
-        kind, _, k = targets.partition("top") if targets.startswith("top") else targets.partition("rank")
+        k = targets[3:] if targets.startswith("top") else targets[4:] if targets.startswith("rank") else ""
         if not k.isdigit() or int(k) < 1 or int(k) > num_classes:
             raise ValueError(f"targets {targets!r} not understood; use 'top1', 'top3', 'rank2', "
                              "a class index, or one index per image")

@@ -51,16 +51,11 @@ def state_from_flat(arch: Arch, flat: dict[str, np.ndarray], num_classes: int) -
         extra = sorted(flat.keys() - expected.keys())
         raise ValueError(f"params do not fit {arch.name}: missing {missing[:3]}, "
                          f"unexpected {extra[:3]}")
-    nested: dict = {}
     for key, value in flat.items():
         if tuple(value.shape) != expected[key]:
             raise ValueError(f"{arch.name} param {key}: expected shape {expected[key]}, "
                              f"found {tuple(value.shape)}")
-        *parents, leaf = [int(p) if p.isdigit() else p for p in key.split("/")]
-        d = nested
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[leaf] = jnp.asarray(value, jnp.float32)
+    nested = _nest({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, int_keys=True)
     _, abstract = arch.split(num_classes)
     state = jax.tree.map(lambda a: a, abstract)  # a copy: the cached abstract state stays
     nnx.replace_by_pure_dict(state, nested)
@@ -75,14 +70,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
-def _nest_str(flat: dict[str, np.ndarray]) -> dict:
+def _nest(flat: dict[str, np.ndarray], int_keys: bool = False) -> dict:
+    """"a/0/kernel" keys -> nested dicts (list indices as ints for nnx, as str for orbax)."""
     nested: dict = {}
     for key, value in flat.items():
-        *parents, leaf = key.split("/")
+        *parents, leaf = [int(p) if int_keys and p.isdigit() else p for p in key.split("/")]
         d = nested
         for p in parents:
             d = d.setdefault(p, {})
-        d[leaf] = np.asarray(value)
+        d[leaf] = value
     return nested
 
 
@@ -98,7 +94,7 @@ def save_weights(out_dir: str | os.PathLike, flat: dict[str, np.ndarray], metada
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a weights folder is for everyone
     try:
         ckpt = ocp.StandardCheckpointer()
-        ckpt.save(tmp / "params", _nest_str(flat))
+        ckpt.save(tmp / "params", _nest({k: np.asarray(v) for k, v in flat.items()}))
         ckpt.wait_until_finished()
         ckpt.close()
         (tmp / "metadata.json").write_text(json.dumps({"format": FORMAT, **metadata}, indent=1))
