@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gfi_jax.models.layers import adaptive_avg_pool, conv, linear, max_pool
+from gfi_jax.models.layers import adaptive_avg_pool, conv, linear, max_pool, relu
 
 LAYERS = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5",
           "avgpool", "fc6", "fc7", "logits")
@@ -45,7 +45,7 @@ class AlexNet(nnx.Module):
         """(B, H, W, 3) preprocessed images -> yields (name, activation) in forward order."""
         x = x.astype(self.dtype)
         for i in range(5):
-            x = nnx.relu(self.convs[i](x))
+            x = relu(self.convs[i](x))
             yield f"conv{i + 1}", x
             if i in (0, 1, 4):
                 x = max_pool(x, 3, 2)
@@ -53,8 +53,8 @@ class AlexNet(nnx.Module):
         x = adaptive_avg_pool(x, (6, 6))
         yield "avgpool", x
         x = x.reshape(x.shape[0], -1)  # H·W·C order; the converter reorders fc6 to match
-        x = nnx.relu(self.fc6(x))
+        x = relu(self.fc6(x))
         yield "fc6", x
-        x = nnx.relu(self.fc7(x))
+        x = relu(self.fc7(x))
         yield "fc7", x
         yield "logits", self.fc8(x).astype(jnp.float32)

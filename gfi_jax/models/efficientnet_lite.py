@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gfi_jax.models.layers import adaptive_avg_pool, batch_norm, conv, linear
+from gfi_jax.models.layers import adaptive_avg_pool, batch_norm, conv, linear, relu6
 
 EPS = 1e-3
 # (repeats, kernel, stride of the first block, expand ratio, channels in, channels out)
@@ -26,10 +26,6 @@ NUM_BLOCKS = sum(s[0] for s in STAGES)
 LAYERS = ("stem", *(f"blocks.{i}" for i in range(NUM_BLOCKS)), "head", "avgpool", "logits")
 ALIASES = {**{f"_blocks.{i}": f"blocks.{i}" for i in range(NUM_BLOCKS)},
            "_avg_pooling": "avgpool", "_fc": "logits"}
-
-
-def relu6(x: jax.Array) -> jax.Array:
-    return jnp.clip(x, 0, 6)
 
 
 class MBConv(nnx.Module):

@@ -4,6 +4,7 @@ All arrays are NHWC: `(B, H, W, C)`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Iterable, Iterator
 
@@ -104,3 +105,56 @@ class Dense(nnx.Linear):
 
 def linear(cin: int, cout: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> Dense:
     return Dense(cin, cout, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+# ----------------------------------------------------------------------------- rectifiers
+# The models call `relu` / `relu6` from here so that attribution methods can change them at
+# trace time: `with rectifiers(guided=True)` swaps in Guided Backprop's backward rule, and
+# `with rectifiers(tap=f)` passes every rectified output through `f` (how a method reads the
+# gradient at an inner layer). The switch is read while tracing, so jit a function that
+# enters the context inside itself; outside any context the models are unchanged.
+_guided = False
+_tap = None
+
+
+@contextlib.contextmanager
+def rectifiers(guided: bool = False, tap=None):
+    """Within: `relu`/`relu6` use the guided backward rule and/or pass outputs through `tap`."""
+    global _guided, _tap
+    saved = _guided, _tap
+    _guided, _tap = guided, tap
+    try:
+        yield
+    finally:
+        _guided, _tap = saved
+
+
+def _clip_guided(x: jax.Array, hi: float | None) -> jax.Array:
+    @jax.custom_vjp
+    def f(x):
+        return jnp.clip(x, 0, hi)
+
+    def fwd(x):
+        return f(x), x
+
+    def bwd(x, g):
+        # Guided Backprop (Springenberg et al. 2015): pass the gradient only where the input
+        # was in the linear range *and* the incoming gradient is positive.
+        inside = (x > 0) if hi is None else (x > 0) & (x < hi)
+        return (jnp.where(inside & (g > 0), g, jnp.zeros_like(g)),)
+
+    f.defvjp(fwd, bwd)
+    return f(x)
+
+
+def _rectify(x: jax.Array, hi: float | None) -> jax.Array:
+    y = _clip_guided(x, hi) if _guided else (nnx.relu(x) if hi is None else jnp.clip(x, 0, hi))
+    return y if _tap is None else _tap(y)
+
+
+def relu(x: jax.Array) -> jax.Array:
+    return _rectify(x, None)
+
+
+def relu6(x: jax.Array) -> jax.Array:
+    return _rectify(x, 6.0)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gfi_jax.models.layers import adaptive_avg_pool, batch_norm, conv, linear, max_pool
+from gfi_jax.models.layers import adaptive_avg_pool, batch_norm, conv, linear, max_pool, relu
 
 DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet50": (3, 4, 6, 3)}
 BOTTLENECK = {"resnet18": False, "resnet50": True}
@@ -58,15 +58,15 @@ class Block(nnx.Module):
             self.down_conv = self.down_bn = None
 
     def stages(self, x: jax.Array, name: str) -> Iterator[tuple[str, jax.Array]]:
-        h = nnx.relu(self.bn1(self.conv1(x)))
+        h = relu(self.bn1(self.conv1(x)))
         yield f"{name}.act1", h
         h = self.bn2(self.conv2(h))
         if self.conv3 is not None:
-            h = nnx.relu(h)
+            h = relu(h)
             yield f"{name}.act2", h
             h = self.bn3(self.conv3(h))
         skip = x if self.down_conv is None else self.down_bn(self.down_conv(x))
-        yield name, nnx.relu(h + skip)
+        yield name, relu(h + skip)
 
 
 class ResNet(nnx.Module):
@@ -90,7 +90,7 @@ class ResNet(nnx.Module):
 
     def stages(self, x: jax.Array) -> Iterator[tuple[str, jax.Array]]:
         """(B, H, W, 3) preprocessed images -> yields (name, activation) in forward order."""
-        x = nnx.relu(self.bn1(self.conv1(x.astype(self.dtype))))
+        x = relu(self.bn1(self.conv1(x.astype(self.dtype))))
         yield "conv1", x
         x = max_pool(x, 3, 2, pad=1)
         yield "pool1", x

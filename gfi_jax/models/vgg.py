@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gfi_jax.models.layers import adaptive_avg_pool, conv, linear, max_pool
+from gfi_jax.models.layers import adaptive_avg_pool, conv, linear, max_pool, relu
 
 # Convs per block (torchvision configs "D" and "E").
 BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
@@ -66,7 +66,7 @@ class VGG(nnx.Module):
         i = 0
         for b, n in enumerate(BLOCKS[self.variant], 1):
             for j in range(1, n + 1):
-                x = nnx.relu(self.convs[i](x))
+                x = relu(self.convs[i](x))
                 i += 1
                 yield f"conv{b}_{j}", x
             x = max_pool(x, 2, 2)
@@ -74,8 +74,8 @@ class VGG(nnx.Module):
         x = adaptive_avg_pool(x, (7, 7))
         yield "avgpool", x
         x = x.reshape(x.shape[0], -1)  # H·W·C order; the converter reorders fc6 to match
-        x = nnx.relu(self.fc6(x))
+        x = relu(self.fc6(x))
         yield "fc6", x
-        x = nnx.relu(self.fc7(x))
+        x = relu(self.fc7(x))
         yield "fc7", x
         yield "logits", self.fc8(x).astype(jnp.float32)
