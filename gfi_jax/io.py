@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,15 +83,44 @@ def blurred_background(img: Image.Image, preprocessing: Preprocessing,
     return preprocessing(to_rgb(img).filter(ImageFilter.GaussianBlur(radius)))
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm", ".jfif")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Opens and fully decodes an image file as RGB, or raises ValueError with the reason."""
+    """Opens and fully decodes an image file as 8-bit RGB, or raises ValueError.
+
+    The error message is one line that starts with the path and names the problem: no such
+    file, a folder, an empty file, not an image, a truncated or corrupt file, or an image
+    over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`). Any PIL mode is
+    converted (CMYK, grayscale, RGBA, palette, 16-bit), see `to_rgb`.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{path}: no such file")
+    if p.is_dir():
+        raise ValueError(f"{path}: is a folder, not an image file")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
-    except FileNotFoundError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"{path}: image too large to decode safely ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+        size = p.stat().st_size
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    if size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes)")
+    try:
+        # Over the limit PIL only warns (it raises at twice the limit); refuse both.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                img.load()
+                return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"{path}: image too large to decode safely (over PIL's limit of "
+                         f"{Image.MAX_IMAGE_PIXELS} pixels; raise PIL.Image.MAX_IMAGE_PIXELS "
+                         "if you trust the file)") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image (unrecognized format)") from None
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{path}: corrupt or truncated image ({reason})") from None
