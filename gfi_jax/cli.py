@@ -273,6 +273,7 @@ class Progress:
         self.done, self.start = 0, time.perf_counter()
 
     def update(self, done: int, compile_s: float = 0.0) -> None:
+        """Shows `done` of `total` images; `compile_s` is left out of the rate."""
         self.done = done
         if not self.enabled:
             return
@@ -287,6 +288,7 @@ class Progress:
               file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Ends the bar's line (on a terminal)."""
         if self.enabled and self.tty:
             print(file=sys.stderr, flush=True)
 
@@ -445,9 +447,43 @@ def _explain_batch(m, x, crops, k_targets, methods, cfg):
     return out, compile_s, max(wall - compile_s, 0.0)
 
 
+def _write_outputs(out: Path, stem: str, crop, bg, top5, exps, m, methods):
+    """One image's figures and masks -> (its summary fields, the figures)."""
+    import numpy as np
+    from gfi_jax import viz
+
+    rec = {"input_size": list(np.asarray(crop).shape[:2]),
+           "top5": [{"index": j, "name": m.classes[j], "prob": p} for j, p in top5],
+           "explanations": []}
+    figs = []
+    for d in exps:
+        name = stem if len(exps) == 1 else f"{stem}_{d['target']}"
+        primary = methods[0]
+        mask = d["masks"][primary]
+        mask = np.clip(mask, 0, 1) if primary == "gfi" else viz.normalize(mask)
+        caption = f"{m.classes[d['target']]} {d['score']:.2f}"
+        others = {n: d["masks"][n] for n in methods[1:] if n in d["masks"]}
+        fig = viz.figure(crop, mask, background=bg, caption=caption, others=others)
+        viz.save_png(out / f"{name}.png", fig)
+        _save_npy(out / f"{name}.npy", mask)
+        npys = {}
+        for n, other in others.items():
+            npys[n] = f"{name}.{n}.npy"
+            _save_npy(out / npys[n], viz.normalize(other))
+        exp = {k: v for k, v in d.items() if k != "masks"}
+        exp.update(target_name=m.classes[d["target"]], png=f"{name}.png", npy=f"{name}.npy",
+                   **({"method_npy": npys} if npys else {}))
+        rec["explanations"].append(exp)
+        figs.append(fig)
+    first = rec["explanations"][0]  # the top-level fields describe the first target
+    rec.update(target=first["target"], target_name=first["target_name"], score=first["score"],
+               omega_sparsity=first.get("omega_sparsity"), png=first["png"], npy=first["npy"])
+    return rec, figs
+
+
 def _explain(args) -> int:
     import numpy as np
-    from gfi_jax import io, viz
+    from gfi_jax import io
     import gfi_jax
 
     t_start = time.perf_counter()
@@ -483,7 +519,7 @@ def _explain(args) -> int:
     progress = Progress(len(entries), not args.quiet)
     compile_s = run_s = 0.0
     done = 0
-    rows_for_grid = []
+    grid_rows: list = []  # --examples: every figure, for OUT/examples.png
     pending: list[tuple[int, str, object, object, float]] = []  # (index, path, crop, x, load_s)
 
     def fail(i, path, msg):
@@ -509,39 +545,14 @@ def _explain(args) -> int:
         per_image = r_s / len(pending)
         for (i, path, crop, _, load_s), (top5, exps), bg in zip(pending, results, bgs):
             t0 = time.perf_counter()
-            stem = stems[path]
+            rec, figs = _write_outputs(out, stems[path], crop, bg, top5, exps, m, methods)
             rec = {"file": str(path), "status": "ok", "model": m.name, "method": args.method,
-                   "preset": cfg.name, "input_size": list(np.asarray(crop).shape[:2]),
-                   "top5": [{"index": j, "name": m.classes[j], "prob": p} for j, p in top5],
-                   "explanations": []}
-            for d in exps:
-                name = stem if len(exps) == 1 else f"{stem}_{d['target']}"
-                primary = methods[0]
-                mask = d["masks"][primary]
-                mask = np.clip(mask, 0, 1) if primary == "gfi" else viz.normalize(mask)
-                cap = f"{m.classes[d['target']]} {d['score']:.2f}"
-                others = {n: d["masks"][n] for n in methods[1:] if n in d["masks"]}
-                fig = viz.figure(crop, mask, background=bg, caption=cap, others=others)
-                t_render = time.perf_counter() - t0
-                viz.save_png(out / f"{name}.png", fig)
-                _save_npy(out / f"{name}.npy", mask)
-                npys = {}
-                for n in others:
-                    _save_npy(out / f"{name}.{n}.npy", viz.normalize(d["masks"][n]))
-                    npys[n] = f"{name}.{n}.npy"
-                exp = {k: v for k, v in d.items() if k != "masks"}
-                exp.update(target_name=m.classes[d["target"]], png=f"{name}.png",
-                           npy=f"{name}.npy", **({"method_npy": npys} if npys else {}))
-                rec["explanations"].append(exp)
-                if args.examples and len(rows_for_grid) < 8:
-                    rows_for_grid.append((fig, f"{Path(path).stem}: {cap}"))
-            first = rec["explanations"][0]
-            rec.update(target=first["target"], target_name=first["target_name"],
-                       score=first["score"], omega_sparsity=first.get("omega_sparsity"),
-                       png=first["png"], npy=first["npy"])
+                   **rec}
             rec["time"] = {"load_s": round(load_s, 4), "explain_s": round(per_image, 4),
                            "render_write_s": round(time.perf_counter() - t0, 4)}
             records[i] = rec
+            if args.examples:
+                grid_rows.extend(figs)
         done += len(pending)
         pending.clear()
         progress.update(sum(r is not None for r in records), compile_s)
@@ -569,16 +580,17 @@ def _explain(args) -> int:
         progress.close()
         records = [r for r in records if r is not None]
         write_json(out / "summary.json", records)
-    if rows_for_grid:
-        _examples_grid(out, rows_for_grid)
+    if grid_rows:
+        _examples_grid(out, grid_rows)
     ok = [r for r in records if r["status"] == "ok"]
     n_exp = sum(len(r["explanations"]) for r in ok)
-    run = {"model": m.name, "method": args.method, "preset": cfg.name, "target": args.target,
+    run = {"model": m.name, "method": args.method, "methods": methods, "preset": cfg.name,
+           "target": args.target,
            "images": len(records), "explained": len(ok), "skipped": len(records) - len(ok),
            "explanations": n_exp, "compile_s": round(compile_s, 3), "run_s": round(run_s, 3),
            "images_per_s": round(len(ok) / run_s, 3) if run_s > 0 else None,
            "total_s": round(time.perf_counter() - t_start, 3), "out": str(out),
-           "config": dataclasses.asdict(cfg)}
+           "config": dataclasses.asdict(cfg) if "gfi" in methods else None}
     if args.json:
         print(json.dumps({"run": run, "images": records}, indent=1))
     elif not args.quiet:
@@ -594,7 +606,7 @@ def _examples_grid(out: Path, rows) -> None:
     """All example figures stacked, palette PNG (small enough to commit): OUT/examples.png."""
     import numpy as np
     from gfi_jax import viz
-    panels = [[np.asarray(fig)] for fig, _ in rows]
+    panels = [[np.asarray(fig)] for fig in rows]
     viz.save_png(out / "examples.png", viz.grid(panels), palette=True)
 
 

@@ -29,6 +29,7 @@ class Preprocessing:
     policy: Literal["crop", "resize"] = "crop"
 
     def replace(self, **kw) -> "Preprocessing":
+        """A copy with fields changed: `pre.replace(resize=224)`."""
         return dataclasses.replace(self, **kw)
 
     def resize_image(self, img: Image.Image) -> Image.Image:
