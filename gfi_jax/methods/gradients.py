@@ -77,26 +77,28 @@ def smoothgrad(features: Features, params: Any, images: jax.Array, targets: jax.
 @dataclasses.dataclass(frozen=True)
 class IntegratedGradientsConfig:
     steps: int = 50
-    method: Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
-                    "riemann_trapezoid"] = "gausslegendre"   # Captum's default rule
+    rule: Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
+                  "riemann_trapezoid"] = "gausslegendre"   # Captum's default `method`
     baseline: float = 0.0        # a constant image in preprocessed space (0: the mean colour)
     reduce: Reduce = "sum"
 
 
-def quadrature(method: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+def quadrature(rule: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(α_k, w_k) with Σ_k w_k f(α_k) ≈ ∫₀¹ f(α) dα."""
-    if method == "gausslegendre":
+    if rule == "gausslegendre":
         x, w = np.polynomial.legendre.leggauss(n)
         return (x + 1) / 2, w / 2
-    if method == "riemann_trapezoid":
+    if rule == "riemann_trapezoid":
+        # Weights 1/(n−1), ends halved: they sum to 1. (Captum 0.9 uses 1/n here, a
+        # (n−1)/n-scaled integral; its left/right/middle rules agree with ours.)
         if n < 2:
             raise ValueError("riemann_trapezoid needs steps >= 2")
         w = np.full(n, 1.0 / (n - 1))
         w[[0, -1]] /= 2
         return np.linspace(0, 1, n), w
-    offset = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}.get(method)
+    offset = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}.get(rule)
     if offset is None:
-        raise ValueError(f"integration method {method!r} not understood; use gausslegendre, "
+        raise ValueError(f"integration rule {rule!r} not understood; use gausslegendre, "
                          "riemann_left, riemann_right, riemann_middle or riemann_trapezoid")
     return (np.arange(n) + offset) / n, np.full(n, 1.0 / n)
 
@@ -106,7 +108,7 @@ def integrated_gradients(features: Features, params: Any, images: jax.Array, tar
     """Integrated Gradients (Sundararajan et al. 2017):
     reduce((x − x̄) ⊙ Σ_k w_k ∂ logit_t/∂x at x̄ + α_k (x − x̄)), target resolved on x."""
     t = resolve(logits_fn(features, params)(images), targets)
-    alphas, weights = (jnp.asarray(a, jnp.float32) for a in quadrature(cfg.method, cfg.steps))
+    alphas, weights = (jnp.asarray(a, jnp.float32) for a in quadrature(cfg.rule, cfg.steps))
     base = jnp.full_like(images, cfg.baseline)
 
     def body(k, acc):

