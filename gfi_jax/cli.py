@@ -309,7 +309,8 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a GFI config field, e.g. --set stage2_steps=20 (repeatable)")
     p.add_argument("--method", default="gfi",
-                   help="gfi (default), another attribution method, or 'all' to compare them")
+                   help="gfi (default), another attribution method, a comma-separated list "
+                        "or 'all' to compare them side by side")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default="gfi-jax-out", metavar="DIR",
@@ -320,18 +321,22 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
 
 
 def _methods(name: str) -> list[str]:
-    """--method -> method names, gfi first. Others come from `gfi_jax.methods` if present."""
-    if name == "gfi":
-        return [name]
+    """--method -> method names, gfi first: one name, a comma-separated list, or "all".
+    Methods other than gfi come from `gfi_jax.methods` (imported only when asked for)."""
+    names = [n.strip() for n in name.split(",") if n.strip()]
+    if names == ["gfi"]:
+        return names
     try:
         others = [n for n in importlib.import_module("gfi_jax.methods").METHODS if n != "gfi"]
     except ImportError:  # the baselines are optional
         others = []
-    if name == "all":
+    if names == ["all"]:
         return ["gfi"] + others
-    if name in others:
-        return [name]
-    raise CliError(f"--method {name}: unknown; choose one of: {', '.join(['gfi', *others, 'all'])}")
+    unknown = [n for n in names if n != "gfi" and n not in others]
+    if unknown or not names:
+        raise CliError(f"--method {name}: unknown; choose one of: "
+                       f"{', '.join(['gfi', *others, 'all'])} (or a comma-separated list)")
+    return sorted(dict.fromkeys(names), key=lambda n: n != "gfi")
 
 
 def _stems(paths: list[str]) -> dict[str, str]:

@@ -141,6 +141,7 @@ def test_method_all_uses_gfi_jax_methods(photos, tmp_path, monkeypatch):
     assert [c[0] for c in calls] == ["ramp", "ramp"] and len(calls[0][1]) == 2
     rc, _, err = gfi_jax("explain", d / "cat.jpg", "--out", tmp_path, "--method", "lime")
     assert rc == 1 and "gfi, ramp, all" in one_error_line(err)
+    assert cli._methods("ramp,gfi") == ["gfi", "ramp"] and cli._methods("ramp") == ["ramp"]
 
 
 @pytest.mark.parametrize("name", ["truncated.jpg", "corrupt.jpg", "empty.jpg", "text.jpg",
