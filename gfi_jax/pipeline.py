@@ -115,6 +115,9 @@ def batches(items: Sequence[tuple[int, str]], batch: int, preprocessing: io.Prep
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=max(prefetch, threads)))
     if workers > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags (defaults)
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                          per_worker_buffer_size=prefetch))
     return iter(ds)

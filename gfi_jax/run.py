@@ -190,9 +190,10 @@ def resolve_config(model, cfg):
     return dataclasses.replace(cfg, l0=l0, l1=l1)
 
 
-def gfi_step(model, cfg, mesh, sequential: bool) -> Callable:
-    """jit(shard_map(GFI)): (params, images `(G, H, W, 3)`, targets `(G, 1)`) -> mask, target,
-    score, each sharded along `data`; every device explains its own rows."""
+def make_step(model, method: str, cfg, mesh, sequential: bool) -> Callable:
+    """jit(shard_map(explain)): (params, images `(G, H, W, 3)`, targets `(G, 1)`, −1 = top-1)
+    -> {"mask" `(G, H, W)`, "target" `(G,)`, "score" `(G,)`}, all sharded along `data`; every
+    device explains its own rows, one image at a time when `sequential`."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -200,33 +201,33 @@ def gfi_step(model, cfg, mesh, sequential: bool) -> Callable:
     from gfi_jax import gfi
 
     color = None
-    if cfg.background == "mean":
+    if method == "gfi" and cfg.background == "mean":
         pre = model.preprocessing
         color = pre.normalize(np.asarray(pre.mean) * 255.0).astype(np.float32)
 
-    def per_device(params, images, targets):
+    def explain_gfi(params, images, targets):
         p = None if color is None else jnp.broadcast_to(color, images.shape)
         o = gfi.gfi(model.features, params, images, targets, p, cfg, sequential)
         return {"mask": o["mask"], "target": o["target"], "score": o["score"]}
 
-    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")),
-                                 out_specs=P("data"), check_vma=False))
+    def explain_other(params, images, targets):
+        from gfi_jax.methods import METHODS
 
+        def one(x, t):
+            logits = model.features(params, x, ("logits",))["logits"]
+            t = gfi.resolve_targets(logits, t)[:, 0]
+            return {"mask": METHODS[method].fn(model.features, params, x, t, cfg), "target": t,
+                    "score": gfi.class_score(logits, t, "softmax")}
+        if not sequential:
+            return one(images, targets)
+        out = jax.lax.map(lambda a: one(a[0][None], a[1][None]), (images, targets))
+        return jax.tree.map(lambda a: a[:, 0], out)
 
-def method_step(model, method: str, config: dict) -> Callable:
-    """Any other registered method, on this process's rows (host-level API of gfi_jax.methods)."""
-    import jax
-    import jax.numpy as jnp
-
-    from gfi_jax import methods
-
-    def step(images: np.ndarray, targets: np.ndarray) -> dict:
-        logits = np.asarray(model(images)["logits"], np.float32)
-        t = np.where(targets[:, 0] >= 0, targets[:, 0], logits.argmax(1)).astype(np.int32)
-        prob = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=1))[np.arange(len(t)), t]
-        maps = np.asarray(methods.attribute(model, images, method, targets=t, **config))
-        return {"mask": maps, "target": t, "score": prob}
-    return step
+    # check_vma=False: ω starts device-invariant, and with vma checks its gradient would be
+    # summed over devices (the transpose of an implicit pvary); each device's images are its own.
+    return jax.jit(jax.shard_map(explain_gfi if method == "gfi" else explain_other, mesh=mesh,
+                                 in_specs=(P(), P("data"), P("data")), out_specs=P("data"),
+                                 check_vma=False))
 
 
 def local_rows(a) -> np.ndarray:
@@ -294,17 +295,10 @@ def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | 
         from gfi_jax import gfi
         cfg = resolve_config(m, gfi.preset(preset, **config))
         gfi.check_layers(m, cfg, hw)
-        settings: Any = dataclasses.asdict(cfg)
     else:
-        try:
-            from gfi_jax import methods
-        except ImportError:
-            raise ValueError(f"method {method!r} needs gfi_jax.methods, which this install lacks;"
-                             " use --method gfi") from None
-        if method not in methods.METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of: gfi, "
-                             f"{', '.join(m_ for m_ in methods.METHODS if m_ != 'gfi')}")
-        settings = dict(config)
+        from gfi_jax import methods
+        cfg = methods.make_config(method, m, **config)
+    settings = dataclasses.asdict(cfg)
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -331,30 +325,23 @@ def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | 
 
     tgt_all = np.array([-1 if targets == "top1" else lab for lab in labels], np.int32)
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    if method == "gfi":
-        data = NamedSharding(mesh, P("data"))
-        params = jax.tree.map(lambda a: jax.make_array_from_process_local_data(
-            NamedSharding(mesh, P()), np.asarray(a)), m.params)
-        step = gfi_step(m, cfg, mesh, sequential)
-        x_spec = jax.ShapeDtypeStruct((batch_size, *hw, 3), np.float32, sharding=data)
-        t_spec = jax.ShapeDtypeStruct((batch_size, 1), np.int32, sharding=data)
-        t0 = time.monotonic()
-        # Bitwise mode: XLA's SPMD pipeline runs an extra CSE before algebraic simplification
-        # when there are ≥ 2 devices, which rewrites a few divisions differently than for one
-        # device (last-bit differences). Without CSE the program is the same for any count.
-        opts = {"xla_disable_hlo_passes": "cse"} if sequential else {}
-        compiling = pool.submit(lambda: step.lower(params, x_spec, t_spec).compile(opts))
+    data = NamedSharding(mesh, P("data"))
+    params = jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P()), np.asarray(a)), m.params)
+    step = make_step(m, method, cfg, mesh, sequential)
+    x_spec = jax.ShapeDtypeStruct((batch_size, *hw, 3), np.float32, sharding=data)
+    t_spec = jax.ShapeDtypeStruct((batch_size, 1), np.int32, sharding=data)
+    # Bitwise mode: XLA's SPMD pipeline runs an extra CSE before algebraic simplification
+    # when there are ≥ 2 devices, which rewrites a few divisions differently than for one
+    # device (last-bit differences). Without CSE the program is the same for any count.
+    opts = {"xla_disable_hlo_passes": "cse"} if sequential else {}
+    t0 = time.monotonic()
+    compiling = pool.submit(lambda: step.lower(params, x_spec, t_spec).compile(opts)) if todo \
+        else None
 
-        def launch(x, t):
-            return compiling.result()(params, jax.make_array_from_process_local_data(data, x),
-                                      jax.make_array_from_process_local_data(data, t))
-    else:
-        t0 = time.monotonic()
-        compiling = pool.submit(lambda: None)
-        mstep = method_step(m, method, config)
-
-        def launch(x, t):
-            return mstep(x, t)
+    def launch(x, t):
+        return compiling.result()(params, jax.make_array_from_process_local_data(data, x),
+                                  jax.make_array_from_process_local_data(data, t))
 
     stop = _StopFlag()
     timeline = []                     # per batch: (fetch start, fetch end, done)
@@ -501,16 +488,17 @@ class _StopFlag:
 class _Fault:
     """Test hook ($GFI_JAX_RUN_FAULT=KIND:N): SIGKILL this process at the N-th chunk written —
     after its masks ("after_chunk"), after tearing its zarr chunk file in half ("torn_chunk"),
-    or halfway through its records append ("torn_records")."""
+    or halfway through its records append ("torn_records"); or "slow:S": sleep S seconds
+    between every chunk's masks and its records (a window for an outside kill)."""
 
     def __init__(self, spec: str):
         kind, _, n = spec.partition(":")
-        self.kind, self.n, self.count = kind, int(n or 0), 0
+        self.kind, self.n, self.count = kind, float(n or 0), 0
 
     def after_chunk(self, out: Path, c: int) -> None:
-        if not self.kind:
-            return
         self.count += 1
+        if self.kind == "slow":
+            time.sleep(self.n)
         if self.count != self.n:
             return
         if self.kind == "torn_chunk":
