@@ -209,3 +209,23 @@ def test_models_lists_the_zoo(tmp_path, monkeypatch):
     assert "resnet18" in out and "layer4.1.act1" in out
     assert "gfi-jax convert --arch vgg19 --source torchvision" in out
     assert f"weights cache: {tmp_path / 'weights'}" in out
+
+
+def test_other_model_from_a_weights_folder(photos, tmp_path):
+    """`--weights DIR` (no --model: the folder says which) with a random-init ResNet-18."""
+    from flax import nnx
+
+    from gfi_jax.models import get_arch
+    from gfi_jax.weights import save_weights
+
+    arch = get_arch("resnet18")
+    flat = {"/".join(map(str, k)): np.asarray(v.get_value())
+            for k, v in nnx.to_flat_state(nnx.state(arch.build(rngs=nnx.Rngs(0))))}
+    weights = save_weights(tmp_path / "w", flat, {"architecture": "resnet18", "source": "random"})
+    rc, stdout, err = gfi_jax("explain", photos[0] / "cat.jpg", "--weights", weights,
+                              "--out", tmp_path / "o", "--json", "--quiet", *FAST)
+    assert rc == 0, err
+    js = json.loads(stdout)
+    assert js["run"]["model"] == "resnet18" and js["images"][0]["model"] == "resnet18"
+    mask = np.load(tmp_path / "o" / "cat.npy")
+    assert mask.shape == (224, 224) and 0 <= mask.min() and mask.max() <= 1
