@@ -73,14 +73,21 @@ def _convert_source(arch) -> str:
 
 
 # ============================================================================ explain: inputs
-def expand_paths(paths: list[str]) -> list[tuple[str, str | None]]:
+def expand_paths(paths: list[str], exclude: Path | None = None) -> list[tuple[str, str | None]]:
     """Command-line PATHs (files, folders, globs) -> [(path, error or None)] in order.
 
-    Folders are searched recursively for image extensions; a folder with no images and a
-    glob that matches nothing become one error entry each; other files are kept as given
-    (a missing or unreadable one fails later, in `io.load_image`, with its own reason).
+    Folders are searched recursively for image extensions, skipping the folder `exclude`
+    (the output folder: a second run must not explain the first run's figures); a folder
+    with no images and a glob that matches nothing become one error entry each; other files
+    are kept as given (a missing or unreadable one fails later, in `io.load_image`, with its
+    own reason).
     """
     from gfi_jax.io import IMAGE_EXTENSIONS
+
+    skip = exclude.resolve() if exclude else None
+
+    def inside(f) -> bool:
+        return skip is not None and skip in Path(f).resolve().parents
 
     out: list[tuple[str, str | None]] = []
     for arg in paths:
@@ -89,10 +96,11 @@ def expand_paths(paths: list[str]) -> list[tuple[str, str | None]]:
             hits = sorted(glob.glob(arg, recursive=True))
             if not hits:
                 out.append((arg, f"{arg}: no file matches this pattern"))
-            out.extend((h, None) for h in hits if not Path(h).is_dir())
+            out.extend((h, None) for h in hits if not Path(h).is_dir() and not inside(h))
         elif p.is_dir():
             hits = sorted(str(f) for f in p.rglob("*")
-                          if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+                          if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+                          and not inside(f))
             if not hits:
                 out.append((arg, f"{arg}: folder has no images (looked for "
                                  f"{', '.join(IMAGE_EXTENSIONS[:4])}, …)"))
@@ -502,8 +510,8 @@ def _explain(args) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     out = prepare_out(args.out)
-    entries = expand_paths(args.paths) + [(p, None) for p in (example_paths() if args.examples
-                                                               else [])]
+    examples = example_paths() if args.examples else []
+    entries = expand_paths(args.paths, exclude=out) + [(p, None) for p in examples]
     single = len(entries) == 1
     if single:  # fail before loading the model
         path, err = entries[0]
@@ -513,10 +521,16 @@ def _explain(args) -> int:
             io.load_image(path)
         except ValueError as e:
             raise CliError(str(e)) from None
+    stems = _stems([p for p, err in entries if err is None])
+    inputs = {Path(p).resolve() for p, err in entries if err is None}
+    clash = [p for p, stem in stems.items()
+             if {(out / f"{stem}{ext}").resolve() for ext in (".png", ".npy")} & inputs]
+    if clash:
+        raise CliError(f"--out {out}: the outputs would overwrite the input {clash[0]}; "
+                       "choose another --out")
     m = _load(args.model, args.weights, args.dtype)
     k_targets = resolve_target(args.target, m.classes)
     _count_compile_time()
-    stems = _stems([p for p, err in entries if err is None])
     pre = m.preprocessing
     bs = min(args.batch_size, len(entries))
     records: list[dict] = [None] * len(entries)  # type: ignore[list-item]

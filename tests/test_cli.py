@@ -229,3 +229,16 @@ def test_other_model_from_a_weights_folder(photos, tmp_path):
     assert js["run"]["model"] == "resnet18" and js["images"][0]["model"] == "resnet18"
     mask = np.load(tmp_path / "o" / "cat.npy")
     assert mask.shape == (224, 224) and 0 <= mask.min() and mask.max() <= 1
+
+
+def test_outputs_never_replace_or_feed_the_inputs(photos, tmp_path):
+    d = photos[0]
+    rc, _, err = gfi_jax("explain", d / "cup.png", d / "cat.jpg", "--out", d)
+    assert rc == 1 and "would overwrite the input" in one_error_line(err)
+    (tmp_path / "out").mkdir()
+    for f in (tmp_path / "a.png", tmp_path / "out" / "a.png"):
+        Image.new("RGB", (8, 8)).save(f)
+    assert cli.expand_paths([str(tmp_path)], exclude=tmp_path / "out") == [
+        (str(tmp_path / "a.png"), None)]
+    assert cli.expand_paths([str(tmp_path / "**" / "*.png")], exclude=tmp_path / "out") == [
+        (str(tmp_path / "a.png"), None)]
