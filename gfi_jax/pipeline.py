@@ -119,5 +119,20 @@ def batches(items: Sequence[tuple[int, str]], batch: int, preprocessing: io.Prep
         if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags (defaults)
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                         per_worker_buffer_size=prefetch))
+                                                         per_worker_buffer_size=prefetch),
+                            worker_init_fn=_die_with_parent)
     return iter(ds)
+
+
+def _die_with_parent(worker: int, workers: int) -> None:
+    """In each worker: leave SIGINT/SIGTERM to the main process (Ctrl-C and SLURM signal the
+    whole process group; the main process finishes its batch and then stops the workers), and
+    exit when the main process dies, even by SIGKILL (Linux), instead of lingering as an orphan."""
+    import ctypes
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG

@@ -354,7 +354,8 @@ def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | 
         try:
             for k in range(len(todo)):
                 fs = time.monotonic()
-                idx, x, err = next(it)
+                # copies: Grain's shared-memory buffers are freed as soon as possible
+                idx, x, err = (np.array(a) for a in next(it))
                 fe = time.monotonic()
                 if k == 0:
                     compiling.result()
