@@ -120,9 +120,10 @@ def attribute(m, images, method: str = "gfi", targets=None, **config) -> np.ndar
     if not np.isfinite(images).all():
         raise ValueError("images contain NaN or Inf pixels; check the decoding and preprocessing")
     cfg = make_config(meth.name, m, **config)
-    if meth.name == "gfi":
-        return _gfi.explain(m, images, targets, preset=_gfi.preset(cfg.preset, **dict(cfg.overrides))).mask
     t = targets_array(targets, images.shape[0], len(m.classes))
+    if meth.name == "gfi":
+        gcfg = _gfi.preset(cfg.preset, **dict(cfg.overrides))
+        return _gfi.explain(m, images, targets, preset=gcfg).mask
     out = compiled(meth.name, m.features, cfg)(m.params, images, t)
     return np.asarray(jax.device_get(out), np.float32)
 

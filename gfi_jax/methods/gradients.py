@@ -17,6 +17,26 @@ from gfi_jax.methods.common import Features, input_gradient, logits_fn, reduce_c
 Reduce = Literal["max_abs", "sum_abs", "sum"]
 
 
+def weighted_gradients(features: Features, params: Any, point, weights: np.ndarray,
+                       targets: jax.Array, chunk: int) -> jax.Array:
+    """Σ_k w_k ∂ logit_t/∂x at x = point(k) `(B, H, W, 3)`, for k < len(weights).
+
+    `chunk` points go through the network together as one batch of chunk·B images (a bigger
+    batch is faster per image on every backend), chunks one after another (bounded memory).
+    """
+    n = len(weights)
+    c = max(d for d in range(1, min(chunk, n) + 1) if n % d == 0)
+    w = jnp.asarray(weights, jnp.float32).reshape(n // c, c)
+    t = jnp.tile(targets, c)
+
+    def body(i, acc):
+        xs = jax.vmap(point)(i * c + jnp.arange(c))                   # (c, B, H, W, 3)
+        g, _ = input_gradient(features, params, xs.reshape(-1, *xs.shape[2:]), t)
+        return acc + jnp.tensordot(w[i], g.reshape(xs.shape), axes=1)
+    zero = jnp.zeros(jax.eval_shape(point, 0).shape, jnp.float32)
+    return jax.lax.fori_loop(0, n // c, body, zero)
+
+
 @dataclasses.dataclass(frozen=True)
 class GradConfig:
     reduce: Reduce = "max_abs"   # Simonyan et al. 2014: max over channels of |∂y/∂x|
@@ -48,6 +68,7 @@ class SmoothGradConfig:
     noise: float = 0.15          # σ as a fraction of each image's value range (max − min)
     seed: int = 0
     reduce: Reduce = "max_abs"
+    chunk: int = 10              # noisy copies per forward pass (memory: chunk·B images)
 
 
 def noise_samples(cfg: SmoothGradConfig, shape: tuple[int, ...]) -> jax.Array:
@@ -60,18 +81,15 @@ def smoothgrad(features: Features, params: Any, images: jax.Array, targets: jax.
                cfg: SmoothGradConfig) -> jax.Array:
     """SmoothGrad (Smilkov et al. 2017): reduce(mean_i ∂ logit_t/∂x at x + σ εᵢ).
 
-    The target is resolved on the clean image; samples run one after another (the memory of
-    one gradient), each on the whole batch.
+    The target is resolved on the clean image.
     """
     t = resolve(logits_fn(features, params)(images), targets)
     sigma = cfg.noise * (images.max(axis=(1, 2, 3)) - images.min(axis=(1, 2, 3)))
     eps = noise_samples(cfg, images.shape[1:])
-
-    def body(i, acc):
-        g, _ = input_gradient(features, params, images + sigma[:, None, None, None] * eps[i], t)
-        return acc + g
-    total = jax.lax.fori_loop(0, cfg.samples, body, jnp.zeros_like(images))
-    return reduce_channels(total / cfg.samples, cfg.reduce)
+    point = lambda i: images + sigma[:, None, None, None] * eps[i]  # noqa: E731
+    total = weighted_gradients(features, params, point, np.full(cfg.samples, 1.0 / cfg.samples),
+                               t, cfg.chunk)
+    return reduce_channels(total, cfg.reduce)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +99,7 @@ class IntegratedGradientsConfig:
                   "riemann_trapezoid"] = "gausslegendre"   # Captum's default `method`
     baseline: float = 0.0        # a constant image in preprocessed space (0: the mean colour)
     reduce: Reduce = "sum"
+    chunk: int = 10              # interpolation points per forward pass (chunk·B images)
 
 
 def quadrature(rule: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,11 +127,9 @@ def integrated_gradients(features: Features, params: Any, images: jax.Array, tar
     """Integrated Gradients (Sundararajan et al. 2017):
     reduce((x − x̄) ⊙ Σ_k w_k ∂ logit_t/∂x at x̄ + α_k (x − x̄)), target resolved on x."""
     t = resolve(logits_fn(features, params)(images), targets)
-    alphas, weights = (jnp.asarray(a, jnp.float32) for a in quadrature(cfg.rule, cfg.steps))
+    alphas, weights = quadrature(cfg.rule, cfg.steps)
+    alphas = jnp.asarray(alphas, jnp.float32)
     base = jnp.full_like(images, cfg.baseline)
-
-    def body(k, acc):
-        g, _ = input_gradient(features, params, base + alphas[k] * (images - base), t)
-        return acc + weights[k] * g
-    total = jax.lax.fori_loop(0, cfg.steps, body, jnp.zeros_like(images))
+    point = lambda k: base + alphas[k] * (images - base)  # noqa: E731
+    total = weighted_gradients(features, params, point, weights, t, cfg.chunk)
     return reduce_channels((images - base) * total, cfg.reduce)
