@@ -85,6 +85,8 @@ def main() -> None:
     lst = tmp / "list.txt"
     lst.write_text("".join(f"{a.data / r.split(',')[0]} {r.split(',')[1]}\n" for r in rows))
     load0 = os.getloadavg()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results = []
     for d in map(int, a.devices.split(",")):
@@ -109,8 +111,6 @@ def main() -> None:
     import jax
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
     cmd = "python experiments/bench_run.py " + " ".join(sys.argv[1:])
     lines = [
         "# `gfi-jax run` end to end on CPU: 1 and 8 simulated devices", "",
