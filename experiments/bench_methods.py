@@ -228,9 +228,14 @@ def write(args, rows, started, load0, load1) -> None:
         f"- 224×224 inputs, median of {args.repeats} interleaved calls per side for the cheap "
         f"methods ({', '.join(CHEAP)}), {max(1, args.repeats // 2)} for the others, after a "
         "warm-up call (JAX: the compile, reported separately)",
-        "- time per image = time per call / batch; speedup = Captum / JAX", "",
-        "| model | method | batch | JAX ms/img | Captum ms/img | speedup | JAX compile s | load |",
-        "|---|---|---:|---:|---:|---:|---:|---:|"]
+        "- time per image = time per call / batch; speedup = Captum / JAX", ""]
+    if max(load0[0], load1[0]) > len(os.sched_getaffinity(0)) / 2:
+        lines += ["**WARNING: the 1-minute load average exceeded half the cores during this "
+                  "run; single numbers can be off by several times (a negative compile time "
+                  "means the timed call was slower than the first one). Rerun on an idle "
+                  "machine before drawing conclusions.**", ""]
+    lines += ["| model | method | batch | JAX ms/img | Captum ms/img | speedup | JAX compile s | load |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, method, b, r in rows:
         cap = f"{r['captum'] * 1e3:.1f}" if r["captum"] else "—"
         sp = f"{r['captum'] / r['jax']:.2f}×" if r["captum"] else "—"
