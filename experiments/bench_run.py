@@ -50,10 +50,10 @@ def analytic_ratio(s1: int, s2: int) -> float:
     from gfi_jax import gfi
     m = gfi_jax.load_model("efficientnet_lite0")
     x = jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32)
-    fwd = lambda layers: gfi._matmul_flops(jax.make_jaxpr(  # noqa: E731
+    fwd = lambda layers: gfi._matmul_flops(jax.make_jaxpr(
         lambda p, x: m.features(p, x, layers))(m.params, x).jaxpr)
     f, f0 = fwd(("logits",)), fwd((m.arch.l0,))
-    cost = lambda a, b: f + a * 2 * f0 + b * 4 * f + 2 * f  # noqa: E731
+    cost = lambda a, b: f + a * 2 * f0 + b * 4 * f + 2 * f
     ref = gfi.PRESETS["reference"]
     return cost(ref.stage1_steps, ref.stage2_steps) / cost(s1, s2)
 

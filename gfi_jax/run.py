@@ -34,8 +34,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -258,7 +259,8 @@ def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | 
     Call `jax.distributed.initialize` first for several hosts. Returns this process's Summary.
     """
     import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from gfi_jax import pipeline
     from gfi_jax.weights import load_model
@@ -289,6 +291,11 @@ def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | 
                                                       round(image_size * pre.resize / pre.size)))
     hw = (pre.size, pre.size)
     m.check_images(np.zeros((1, *hw, 3), np.float32))
+    if targets == "labels":
+        bad = [(nm, lab) for nm, lab in zip(names, labels) if not 0 <= lab < len(m.classes)]
+        if bad:
+            raise ValueError(f"label {bad[0][1]} of {bad[0][0]!r} is outside the model's "
+                             f"{len(m.classes)} classes (0..{len(m.classes) - 1})")
     if sequential is None:
         sequential = jax.default_backend() == "cpu"
     if method == "gfi":

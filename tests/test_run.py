@@ -278,6 +278,9 @@ def test_list_file_with_labels(tmp_path):
     assert [r["target"] for r in recs[:6]] == [i * 100 + 7 for i in range(6)]
     assert [r["label"] for r in recs] == [i * 100 + 7 for i in range(6)] + [3]
     assert recs[6]["status"] == "failed" and "missing.png" in recs[6]["error"]
+    (tmp_path / "bad.txt").write_text("imgs/x.png 1000\n")
+    with pytest.raises(ValueError, match="outside the model's 1000 classes"):
+        R.run(list_file=tmp_path / "bad.txt", out=tmp_path / "o2", targets="labels")
     # another command cannot resume this folder
     with pytest.raises(ValueError, match="batch_size"):
         R.run(list_file=tmp_path / "val.txt", out=tmp_path / "out", method="center",
