@@ -64,6 +64,8 @@ def test_localization_bad_input():
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         metrics.localization_error(bad, [[[0, 0, 1, 1]]])
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.localization_error(s - 0.5, [[[0, 0, 1, 1]]])
 
 
 # --------------------------------------------------------------------------- pointing game

@@ -18,6 +18,9 @@ def tight_boxes(saliency, alphas=ALPHAS) -> tuple[np.ndarray, np.ndarray]:
     row and column maxima are compared with the thresholds.
     """
     s = checks.saliency_maps(saliency)
+    if s.min() < 0:
+        raise ValueError("localization thresholds at α·mean, which needs non-negative maps; "
+                         "pass |saliency| (or clip at 0) for signed methods")
     thr = s.mean(axis=(1, 2))[:, None] * np.asarray(alphas, np.float64)[None]   # (N, A)
     rows = s.max(axis=2)[:, None, :] >= thr[..., None]                           # (N, A, H)
     cols = s.max(axis=1)[:, None, :] >= thr[..., None]                           # (N, A, W)
