@@ -98,7 +98,7 @@ def cascading_randomization(m, images, method: str = "grad", targets=None, absol
     values = [v for _, v in leaves]
     key = jax.random.PRNGKey(seed)
     names, rhos = [], []
-    for gi, (name, idx) in enumerate(reversed(layer_groups(m, x))):
+    for name, idx in reversed(layer_groups(m, x)):
         for i in idx:
             path, v = leaves[i]
             if _leaf_name(path) == "kernel":
