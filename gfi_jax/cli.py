@@ -679,6 +679,8 @@ def _lazy(module: str):
 COMMANDS = {
     "explain": ("explain images: overlay PNGs, masks (.npy) and summary.json",
                 _explain_args, _explain),
+    "run": ("explain a whole dataset: sharded over devices and hosts, resumable, zarr output",
+            *_lazy("gfi_jax.run")),
     "report": ("write a static HTML gallery (index.html) of an explain run", _report_args,
                _report),
     "models": ("list the architectures, their GFI layers and cached weights", _models_args,
@@ -686,6 +688,15 @@ COMMANDS = {
     "convert": ("convert a PyTorch checkpoint (see python -m weights_conversion)", _convert_args,
                 _convert),
 }
+
+
+def _compilation_cache() -> None:
+    """A second run of the same model, config and batch shape loads its compiled program."""
+    from gfi_jax.weights import enable_compilation_cache
+    try:
+        enable_compilation_cache()
+    except OSError:  # a read-only cache folder only costs the recompile
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -697,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
         add_arguments(s)
         s.set_defaults(run=run)
     args = p.parse_args(argv)
+    if args.command in ("explain", "run"):
+        _compilation_cache()
     try:
         return args.run(args)
     except CliError as e:
