@@ -168,9 +168,9 @@ def test_layer_ablation(m, imagenet, tmp_path):
     out = tmp_path / "abl.md"
     res = imagenet_localization.main(
         ["--data", str(imagenet / "val"), "--boxes", str(imagenet / "boxes"), "--synsets",
-         str(imagenet / "synsets.txt"), "--layers-ablation", "--l1-layers", "layer3,layer4",
+         str(imagenet / "synsets.txt"), "--layers-ablation", "--l1-layers", "layer4.1.act1,layer4",
          "--limit", "2", "--results", str(out), *FAST], model=m)
-    assert set(res) == {"alphas", "gfi l1=layer3", "gfi l1=layer4"}
+    assert set(res) == {"alphas", "gfi l1=layer4.1.act1", "gfi l1=layer4"}
     assert "Table 2" in out.read_text()
 
 
@@ -205,8 +205,12 @@ def test_voc07_pointing(m, voc, tmp_path):
     # the car's (0..30, 30..63): distance 10 px -> a hit as well
     assert res["center"]["hits"].tolist() == [True, True, True, True]
     assert "| gfi | 4 |" in out.read_text() and "54.7" in out.read_text()
-    res2 = voc07_pointing.main(args[:-len(FAST)] + ["--no-difficult", *FAST], model=m)
-    assert res2["labels"].tolist() == [11, 14, 11]
+    # the difficult car of 000003 is left out on request
+    h = np.load(head)
+    m20 = voc07_pointing.with_head(m, h["kernel"], h["bias"], datasets.VOC_CLASSES)
+    res2 = voc07_pointing.evaluate(m20, datasets.voc07(voc, "test"), {"center": ("center", None)},
+                                   SIZE, difficult=False)
+    assert res2["labels"].tolist() == [11, 14, 11] and res2["center"]["hits"].all()
 
 
 def test_msra_saliency(m, msra, tmp_path):
@@ -233,9 +237,9 @@ def test_figures(m, imagenet, tmp_path):
     img = imagenet / "val" / "ILSVRC2012_val_00000001.JPEG"
     f3 = figures.main(["--fig", "3", "--data", str(img), "--classes", "386,340",
                        "--out", str(tmp_path / "f3.png"), *FAST], models={"resnet18": m})
-    f5 = figures.main(["--fig", "5", "--data", str(img), str(img), "--out",
+    f5 = figures.main(["--fig", "5", "--data", str(img), "--out",
                        str(tmp_path / "f5.png"), *FAST], models={"a": m, "b": m})
-    assert Image.open(f3).size[0] > 4 * SIZE and Image.open(f5).size[1] > 2 * SIZE
+    assert Image.open(f3).size[0] > 4 * SIZE and Image.open(f5).size[0] > 3 * SIZE
 
 
 def test_runtime(m, imagenet, tmp_path):
