@@ -126,8 +126,8 @@ def interp_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
         src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = (src - i0).astype(np.float32)
-    w = np.zeros((n_out, n_in), np.float32)
+    frac = src - i0
+    w = np.zeros((n_out, n_in))
     np.add.at(w, (np.arange(n_out), i0), 1 - frac)
     np.add.at(w, (np.arange(n_out), i1), frac)
     return w
@@ -140,8 +140,10 @@ def upsample(m: jax.Array, hw: tuple[int, int], align_corners: bool) -> jax.Arra
     backward are computed image by image (bitwise independent of the batch on XLA:CPU).
     """
     n = m.shape[0]
-    uh = jnp.broadcast_to(interp_matrix(m.shape[1], hw[0], align_corners), (n, hw[0], m.shape[1]))
-    uw = jnp.broadcast_to(interp_matrix(m.shape[2], hw[1], align_corners), (n, hw[1], m.shape[2]))
+    uh = jnp.asarray(interp_matrix(m.shape[1], hw[0], align_corners), m.dtype)
+    uw = jnp.asarray(interp_matrix(m.shape[2], hw[1], align_corners), m.dtype)
+    uh = jnp.broadcast_to(uh, (n, hw[0], m.shape[1]))
+    uw = jnp.broadcast_to(uw, (n, hw[1], m.shape[2]))
     hi = jax.lax.Precision.HIGHEST
     return jnp.einsum("nWw,nHw->nHW", uw, jnp.einsum("nHh,nhw->nHw", uh, m, precision=hi),
                       precision=hi)
@@ -239,7 +241,7 @@ def rowdot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def class_score(logits: jax.Array, target: jax.Array, kind: str) -> jax.Array:
     """f_c: softmax probability (single-label) or sigmoid (multi-label) of class `target`."""
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(accumulation_dtype(logits.dtype))
     z = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
     if kind == "sigmoid":
         return jax.nn.sigmoid(z)
@@ -266,12 +268,18 @@ def _sumsq(a: jax.Array) -> jax.Array:
 
 def resolve_targets(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """`(B, K)` class indices; an entry −k means "the class ranked k-th on the clean image"."""
-    ranked = jnp.argsort(-logits.astype(jnp.float32), axis=1, stable=True)
+    ranked = jnp.argsort(-logits.astype(accumulation_dtype(logits.dtype)), axis=1, stable=True)
     rank_idx = jnp.clip(-targets - 1, 0, logits.shape[1] - 1)
     return jnp.where(targets >= 0, targets, jnp.take_along_axis(ranked, rank_idx, axis=1))
 
 
 # ----------------------------------------------------------------------------- the program
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """ω, Adam state, masks and losses: float32, or float64 for float64 inputs (x64 mode,
+    used by the oracle comparison to take rounding noise out of the picture)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def gfi(features: Features, params: Any, images: jax.Array, targets: jax.Array,
         p: jax.Array | None, cfg: Config, sequential: bool = False) -> dict[str, jax.Array]:
     """Both stages for a batch: images `(B, H, W, 3)`, targets `(B, K)` -> N = B·K explanations.
@@ -299,11 +307,12 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
     l0, l1 = cfg.l0, cfg.l1
     B, H, W, _ = images.shape
     K = targets.shape[1]
-    images = images.astype(jnp.float32)
-    p = background(images, cfg) if p is None else p.astype(jnp.float32)
+    acc = accumulation_dtype(images.dtype)
+    images = images.astype(acc)
+    p = background(images, cfg) if p is None else p.astype(acc)
     clean = features(params, images, (l0, l1, "logits"))
-    f0 = jax.lax.stop_gradient(clean[l0]).astype(jnp.float32)
-    f1 = jax.lax.stop_gradient(clean[l1]).astype(jnp.float32)
+    f0 = jax.lax.stop_gradient(clean[l0]).astype(acc)
+    f1 = jax.lax.stop_gradient(clean[l1]).astype(acc)
     targets = resolve_targets(clean["logits"], targets)
     s1, s2 = schedules(cfg)
     opt1 = optimizer(cfg, s1)
@@ -312,7 +321,7 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
 
     def loss1(omega):
         phi = blend(images, p, mask(omega, f1, (H, W), cfg))
-        err = _sumsq(features(params, phi, (l0,))[l0].astype(jnp.float32) - f0)
+        err = _sumsq(features(params, phi, (l0,))[l0].astype(acc) - f0)
         if cfg.inversion_error == "relative":
             err = err / jnp.where(f0_norm > 0, f0_norm, 1.0)
         per = err + cfg.gamma * penalty(omega, cfg.stage1_penalty)
@@ -327,7 +336,7 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
             return (omega, state), (per, omega if cfg.trace_omega else None)
         return body
 
-    omega = jnp.full((B, f1.shape[-1]), cfg.omega_init, jnp.float32)
+    omega = jnp.full((B, f1.shape[-1]), cfg.omega_init, acc)
     (omega, state), (trace1, omegas1) = jax.lax.scan(
         step(loss1, opt1), (omega, opt1.init(omega)), None, length=cfg.stage1_steps,
         unroll=unroll)
@@ -437,7 +446,9 @@ def explain(model, images, targets=None, preset: str | Config = "reference",
     l0 = arch.resolve(cfg.l0 or arch.l0)
     l1 = arch.resolve(cfg.l1) if cfg.l1 else (l0 if cfg.same_layer else arch.l1)
     cfg = dataclasses.replace(cfg, l0=l0, l1=l1)
-    images = np.asarray(images, np.float32)
+    # float64 models (x64 mode) explain in float64; everything else in float32 (see
+    # `accumulation_dtype`).
+    images = np.asarray(images, model.input_dtype)
     model.check_images(images)
     if not np.isfinite(images).all():
         raise ValueError("images contain NaN or Inf pixels; check the decoding and preprocessing")
@@ -446,9 +457,9 @@ def explain(model, images, targets=None, preset: str | Config = "reference",
     t = _targets_array(targets, B, len(model.classes))
     if background is None and cfg.background == "mean":
         color = model.preprocessing.normalize(np.asarray(model.preprocessing.mean) * 255.0)
-        background = np.broadcast_to(color.astype(np.float32), images.shape)
+        background = np.broadcast_to(color.astype(images.dtype), images.shape)
     if background is not None:
-        background = np.asarray(background, np.float32)
+        background = np.asarray(background, images.dtype)
         if background.shape != images.shape:
             raise ValueError(f"background must have the images' shape {images.shape}; "
                              f"got {background.shape}")

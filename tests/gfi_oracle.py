@@ -36,7 +36,8 @@ Choices where the texts are silent or ambiguous (the JAX engine must mirror them
       loss used, as the interpretation shown to the user). 'mask_l1' is the RAW weighted sum
       sum_i omega_i f_i^{l1}(x) at l1 resolution (exactly what Alg. 1/2 line 12/14 return).
   C10 f^{l0}(x), f^{l1}(x) are computed once from the clean x without grad. Stage-2 passes Phi and
-      Phi_bg through features() in two separate calls. Everything is float32.
+      Phi_bg through features() in two separate calls. Everything is float32 (or float64 with
+      dtype=torch.float64 and a float64 network: the rounding-free comparison).
   C11 f_c: softmax(logits)[c] ("softmax") or sigmoid(logits[c]) ("sigmoid", multi-label heads);
       the same f_c is used in the highlight and the suppress terms.
   C12 'loss' is the per-image total loss (data terms + regularizer) evaluated at omega BEFORE the
@@ -149,20 +150,21 @@ def _score(logits: torch.Tensor, target: torch.Tensor, cfg: OracleConfig) -> tor
     return probs.gather(1, target[:, None])[:, 0]
 
 
-def explain(features: Callable, x, p, target, l0: str, l1: str, cfg: OracleConfig) -> dict:
+def explain(features: Callable, x, p, target, l0: str, l1: str, cfg: OracleConfig,
+            dtype: torch.dtype = torch.float32) -> dict:
     """Run both GFI stages on a batch; see the module docstring for every convention."""
-    x = torch.as_tensor(x, dtype=torch.float32)        # runs on x's device (CPU or GPU)
-    p = torch.as_tensor(p, dtype=torch.float32, device=x.device)
+    x = torch.as_tensor(x, dtype=dtype)                # runs on x's device (CPU or GPU)
+    p = torch.as_tensor(p, dtype=dtype, device=x.device)
     target = torch.as_tensor(target, dtype=torch.int64, device=x.device)
     B, _, H, W = x.shape
     with torch.no_grad():                                # C10: the clean image's features, once
         clean = features(x)
-        f0_x = clean[l0].float()
-        f1_x = clean[l1].float()
+        f0_x = clean[l0].to(dtype)
+        f1_x = clean[l1].to(dtype)
     ref_sq = (f0_x ** 2).flatten(1).sum(1)
     ref_sq = torch.where(ref_sq > 0, ref_sq, torch.ones_like(ref_sq))
 
-    omega = torch.full((B, f1_x.shape[1]), cfg.omega_init, dtype=torch.float32,
+    omega = torch.full((B, f1_x.shape[1]), cfg.omega_init, dtype=dtype,
                        device=x.device, requires_grad=True)
     lrs = lr_schedule(cfg)
     S = len(lrs)
@@ -181,15 +183,15 @@ def explain(features: Callable, x, p, target, l0: str, l1: str, cfg: OracleConfi
         mask = make_mask(omega, f1_x, (H, W), cfg)[:, None]        # (B, 1, H, W)
         phi = x * mask + p * (1 - mask)                             # Eq. 2
         if stage1:                                                  # Eq. 8 / reference
-            diff = (features(phi)[l0].float() - f0_x) ** 2
+            diff = (features(phi)[l0].to(dtype) - f0_x) ** 2
             err = diff.flatten(1).sum(1)
             if cfg.stage1_relative:
                 err = err / ref_sq
             loss = err + cfg.gamma * _reg(omega, cfg)
         else:                                                       # Eq. 9 / reference
             phi_bg = x * (1 - mask) + p * mask                      # Eq. 4 with m_bg = 1 - m
-            hi = _score(features(phi)["logits"].float(), target, cfg)
-            lo = _score(features(phi_bg)["logits"].float(), target, cfg)
+            hi = _score(features(phi)["logits"].to(dtype), target, cfg)
+            lo = _score(features(phi_bg)["logits"].to(dtype), target, cfg)
             loss = -hi + cfg.lam * lo + cfg.delta * _reg(omega, cfg)
         losses.append(loss.detach())
         opt.zero_grad()
@@ -215,5 +217,42 @@ def rank_k_target(features: Callable, x, k: int = 1) -> np.ndarray:
     return torch.argsort(logits, dim=1, descending=True)[:, k - 1].cpu().numpy()
 
 
+def torch_features(name: str, net) -> Callable:
+    """`features(x) -> {layers..., "logits"}` of a torchvision VGG/AlexNet/ResNet-18 or an
+    `efficientnet_lite_pytorch` EfficientNet-Lite0, with the layers gfi_jax names l0/l1
+    (the whole network every call). Modules run in place: in-place ReLU outputs are cloned."""
+    if name in ("vgg16", "vgg19", "alexnet"):
+        idx = {"vgg19": {35: "conv5_4", 36: "pool5"}, "vgg16": {29: "conv5_3", 30: "pool5"},
+               "alexnet": {12: "pool5"}}[name]
+
+        def features(x):
+            out, h = {}, x
+            for i, layer in enumerate(net.features):
+                h = layer(h)
+                if i in idx:
+                    out[idx[i]] = h.clone()
+            out["logits"] = net.classifier(torch.flatten(net.avgpool(h), 1))
+            return out
+    elif name == "resnet18":
+        def features(x):
+            h = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            h = net.layer4[0](net.layer3(net.layer2(net.layer1(h))))
+            b = net.layer4[1]                                  # the last block, unrolled
+            act1 = b.relu(b.bn1(b.conv1(h)))
+            h = b.relu(b.bn2(b.conv2(act1)) + h)
+            return {"layer4.1.act1": act1, "layer4": h,
+                    "logits": net.fc(torch.flatten(net.avgpool(h), 1))}
+    elif name == "efficientnet_lite0":
+        def features(x):
+            h = net._swish(net._bn0(net._conv_stem(x)))
+            for block in net._blocks:
+                h = block(h)
+            head = net._swish(net._bn1(net._conv_head(h)))
+            return {"head": head, "logits": net._fc(torch.flatten(net._avg_pooling(head), 1))}
+    else:
+        raise ValueError(f"no torch features for {name!r}")
+    return features
+
+
 __all__ = ["OracleConfig", "paper_config", "reference_config", "explain", "make_mask",
-           "lr_schedule", "rank_k_target"]
+           "lr_schedule", "rank_k_target", "torch_features"]

@@ -158,7 +158,12 @@ class LoadedModel:
         names = tuple(dict.fromkeys((*layers, "logits")))
         for n in names:
             self.arch.resolve(n)
-        return self._forward(self.params, jnp.asarray(images, jnp.float32), names)
+        return self._forward(self.params, jnp.asarray(images, self.input_dtype), names)
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        """float64 for a float64 model (x64 mode), else float32 (bfloat16 models cast inside)."""
+        return np.dtype(np.float64 if self.dtype == jnp.float64 else np.float32)
 
     def preprocess(self, image, preprocessing: io.Preprocessing | None = None) -> np.ndarray:
         """PIL image (or a path) -> `(size, size, 3)` float32 input for this model."""
@@ -167,7 +172,8 @@ class LoadedModel:
         return (preprocessing or self.preprocessing)(image)
 
     def astype(self, dtype) -> "LoadedModel":
-        """The same weights computing in `dtype` (float32 or bfloat16); params stay float32."""
+        """The same weights computing in `dtype` (float32, bfloat16, or float64 with x64
+        enabled); params stay float32 (exactly representable in float64)."""
         return LoadedModel(self.arch, self.params, classes=self.classes,
                            preprocessing=self.preprocessing, dtype=dtype, metadata=self.metadata)
 

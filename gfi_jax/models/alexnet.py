@@ -57,4 +57,4 @@ class AlexNet(nnx.Module):
         yield "fc6", x
         x = relu(self.fc7(x))
         yield "fc7", x
-        yield "logits", self.fc8(x).astype(jnp.float32)
+        yield "logits", self.fc8(x).astype(jnp.promote_types(self.dtype, jnp.float32))

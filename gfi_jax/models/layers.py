@@ -40,7 +40,7 @@ def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:
     PyTorch bin i covers [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)); bins may overlap
     when n_in is not a multiple of n_out, and repeat inputs when n_in < n_out.
     """
-    p = np.zeros((n_out, n_in), np.float32)
+    p = np.zeros((n_out, n_in))
     for i in range(n_out):
         lo = (i * n_in) // n_out
         hi = -((-(i + 1) * n_in) // n_out)

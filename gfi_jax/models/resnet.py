@@ -102,4 +102,5 @@ class ResNet(nnx.Module):
             yield f"layer{L}", x
         x = adaptive_avg_pool(x, (1, 1))
         yield "avgpool", x
-        yield "logits", self.fc(x.reshape(x.shape[0], -1)).astype(jnp.float32)
+        logits = self.fc(x.reshape(x.shape[0], -1))
+        yield "logits", logits.astype(jnp.promote_types(self.dtype, jnp.float32))
