@@ -81,7 +81,7 @@ def figure(model, r: dict):
     panels = [rgb, adv, viz.heatmap(adv, r["mask_adv"]), viz.masked(adv, r["mask_adv"])]
     caps = [f"{name(int(r['p_clean'].argmax()))} {r['p_clean'].max():.1%}",
             f"adv: {name(ya)} {r['p_adv'][ya]:.1%}", f"GFI for {c[y]}", "masked"]
-    return viz.grid([panels], [caps], ["(a) original  (b) FGSM  (c) GFI, true class  (d) Φ"])
+    return viz.grid([panels], [caps], ["(a) original  (b) FGSM  (c) GFI for the true class  (d) masked image"])
 
 
 def main(argv=None, model=None) -> dict:
@@ -97,13 +97,17 @@ def main(argv=None, model=None) -> dict:
     model = common.load(args, model)
     r = run(model, args.data, args.label, args.epsilon, common.gfi_config(args), args.size)
     y, ya = r["label"], int(r["p_adv"].argmax())
-    print(f"clean: {model.classes[int(r['p_clean'].argmax())]} {r['p_clean'].max():.1%}; "
-          f"FGSM ε={args.epsilon:g}: {model.classes[ya]} {r['p_adv'][ya]:.1%} "
-          f"(true class {model.classes[y]} {r['p_adv'][y]:.1%})")
-    print(f"true-class mask Pearson, clean vs adversarial: {r['pearson']:.3f}")
-    print(f"paper: {PAPER}")
-    viz.save_png(args.out, figure(model, r))
-    print(f"wrote {args.out}")
+    lines = [f"- clean: {model.classes[int(r['p_clean'].argmax())]} {r['p_clean'].max():.1%}; "
+             f"FGSM ε={args.epsilon:g}: {model.classes[ya]} {r['p_adv'][ya]:.1%} "
+             f"(true class {model.classes[y]} {r['p_adv'][y]:.1%})",
+             f"- true-class mask Pearson, clean vs adversarial: {r['pearson']:.3f}",
+             f"- paper: {PAPER}", f"- figure: {Path(args.out).name}"]
+    print("\n".join(lines))
+    viz.save_png(args.out, figure(model, r), palette=True)
+    common.write_results(Path(args.out).with_suffix(".md"), f"Fig. 4: FGSM adversarial example "
+                         f"({model.name}, {args.preset} preset)", lines,
+                         common.command("adversarial.py", argv))
+    print(f"wrote {args.out} and its .md")
     return r
 
 

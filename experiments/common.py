@@ -70,7 +70,7 @@ def resize_map(s: np.ndarray, wh: tuple[int, int]) -> np.ndarray:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(fmt(v) for v in r) + " |" for r in rows)]
 

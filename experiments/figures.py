@@ -84,7 +84,7 @@ def main(argv=None, models: dict | None = None) -> Path:
     else:
         img = fig5(models, args.data, cfg, args.size)
         print(f"Fig. 5: {len(args.data)} image(s) × {', '.join(models)}")
-    viz.save_png(out, img)
+    viz.save_png(out, img, palette=True)
     print(f"wrote {out}")
     return out
 

@@ -55,9 +55,8 @@ def xml(path: Path, size, objects, one_based: bool) -> None:
 BOXES = [(2, 2, 77, 60), (10, 8, 50, 41), (0, 0, 60, 63), (30, 20, 40, 30)]
 
 
-@pytest.fixture(scope="module")
-def imagenet(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet")
+def make_imagenet(root: Path) -> Path:
+    """A fake ImageNet val: val/*.JPEG, boxes/*.xml, a synset list and a blacklist."""
     (root / "val").mkdir()
     (root / "boxes").mkdir()
     wnids = ["n01440764", "n01443537"]
@@ -71,8 +70,13 @@ def imagenet(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def voc(tmp_path_factory):
-    root = tmp_path_factory.mktemp("voc") / "VOC2007"
+def imagenet(tmp_path_factory):
+    return make_imagenet(tmp_path_factory.mktemp("imagenet"))
+
+
+def make_voc(root: Path) -> Path:
+    """A fake VOCdevkit/VOC2007 with 4 trainval and 2 test images."""
+    root = root / "VOC2007"
     for d in ("Annotations", "ImageSets/Main", "JPEGImages"):
         (root / d).mkdir(parents=True)
     objs = {"000001": [("dog", (5, 5, 40, 40), False), ("person", (45, 10, 70, 60), False)],
@@ -88,8 +92,12 @@ def voc(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def msra(tmp_path_factory):
-    root = tmp_path_factory.mktemp("msra")
+def voc(tmp_path_factory):
+    return make_voc(tmp_path_factory.mktemp("voc"))
+
+
+def make_msra(root: Path) -> Path:
+    """A fake MSRA-B folder: 3 jpg/png pairs and one unpaired image."""
     for i in range(3):
         box = (10 + 5 * i, 10, 50, 45)
         image(root / f"0_{i}.jpg", box, i)
@@ -98,6 +106,11 @@ def msra(tmp_path_factory):
         Image.fromarray(g).save(root / f"0_{i}.png")
     image(root / "unpaired.jpg", (0, 0, 5, 5), 9)
     return root
+
+
+@pytest.fixture(scope="module")
+def msra(tmp_path_factory):
+    return make_msra(tmp_path_factory.mktemp("msra"))
 
 
 # ----------------------------------------------------------------------------- readers
@@ -231,6 +244,7 @@ def test_adversarial(m, imagenet, tmp_path):
     assert np.all(np.abs(d) <= 0.03 + 1e-5) and np.mean(np.isclose(np.abs(d), 0.03, atol=1e-5)) > 0.5
     assert r["p_adv"][3] < r["p_clean"][3]
     assert Image.open(out).size[0] > 4 * SIZE
+    assert "mask Pearson" in out.with_suffix(".md").read_text()
 
 
 def test_figures(m, imagenet, tmp_path):
