@@ -61,6 +61,10 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(model, image_path, label: int | None, epsilon: float, cfg, size: int = 224) -> dict:
+    """FGSM on one image for its true `label` (None: the clean top-1), then GFI for that class
+    on the clean and the adversarial image. "pearson" is NaN where a mask is constant."""
+    if label is not None and not 0 <= label < len(model.classes):
+        raise ValueError(f"--label {label} is outside the model's {len(model.classes)} classes")
     pre = common.preprocessing(model, size)
     x = common.load_images([image_path], pre)
     probs = lambda z: np.asarray(jax.nn.softmax(model(z)["logits"]))[0]  # noqa: E731
@@ -97,9 +101,9 @@ def main(argv=None, model=None) -> dict:
     model = common.load(args, model)
     r = run(model, args.data, args.label, args.epsilon, common.gfi_config(args), args.size)
     y, ya = r["label"], int(r["p_adv"].argmax())
-    lines = [f"- clean: {model.classes[int(r['p_clean'].argmax())]} {r['p_clean'].max():.1%}; "
-             f"FGSM ε={args.epsilon:g}: {model.classes[ya]} {r['p_adv'][ya]:.1%} "
-             f"(true class {model.classes[y]} {r['p_adv'][y]:.1%})",
+    lines = [(f"- clean: {model.classes[int(r['p_clean'].argmax())]} {r['p_clean'].max():.1%}; "
+              f"FGSM ε={args.epsilon:g}: {model.classes[ya]} {r['p_adv'][ya]:.1%} "
+              f"(true class {model.classes[y]} {r['p_adv'][y]:.1%})"),
              f"- true-class mask Pearson, clean vs adversarial: {r['pearson']:.3f}",
              f"- paper: {PAPER}", f"- figure: {Path(args.out).name}"]
     print("\n".join(lines))

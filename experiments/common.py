@@ -78,8 +78,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
 def machine() -> str:
     cpu = platform.processor()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                   if l.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     dev = jax.devices()[0]

@@ -110,7 +110,8 @@ def main(argv=None, model=None) -> dict:
     ap.add_argument("--layers-ablation", action="store_true", help="Table 2: GFI with l1 in --l1-layers")
     ap.add_argument("--l1-layers", default="pool4,conv5_3,conv5_4,pool5")
     ap.add_argument("--target", choices=("gt", "top1"), default="gt", help="class to explain")
-    ap.add_argument("--results", default=None, help="markdown file ('' = none; default experiments/results/…)")
+    ap.add_argument("--results", default=None, help="markdown file ('' = none; default experiments/results/"
+                    "imagenet_localization.md or layer_ablation.md)")
     common.add_model_args(ap)
     common.add_gfi_args(ap)
     args = ap.parse_args(argv)
@@ -133,14 +134,10 @@ def main(argv=None, model=None) -> dict:
     lines += ["", "Fig. 6: error % per α (paper: 50.1 at α = 0, minimum at α = 1.5)", "",
               *common.table(["method", *(f"{a:g}" for a in res["alphas"])], curve)]
     print("\n".join(lines))
-    out = RESULT if args.results is None else args.results
-    common.write_results(out.replace("NAME", name) if out else out,
-                         f"{title} ({model.name}, {args.preset} preset)", lines,
+    out = common.RESULTS / f"{name}.md" if args.results is None else args.results
+    common.write_results(out, f"{title} ({model.name}, {args.preset} preset)", lines,
                          common.command("imagenet_localization.py", argv))
     return res
-
-
-RESULT = str(common.RESULTS / "NAME.md")
 
 if __name__ == "__main__":
     main()

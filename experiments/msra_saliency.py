@@ -49,8 +49,8 @@ def evaluate(model, pairs, cfg: gfi_jax.Config, size: int = 224, batch: int = 8)
             gt = load_mask(g)
             s = np.clip(common.resize_map(m, gt.shape[::-1]), 0.0, 1.0)
             r = salient_object(s, gt)
-            for k in per:
-                per[k].append(r[k][0])
+            for k, v in per.items():
+                v.append(r[k][0])
     out = {k: np.asarray(v) for k, v in per.items()}
     return out | {f"mean_{k}": float(v.mean()) for k, v in out.items()}
 
