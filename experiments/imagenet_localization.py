@@ -18,7 +18,9 @@ LOC_synset_mapping.txt. The paper drops the 1762 blacklisted images (devkit file
 VGG-19 weights: `gfi-jax convert vgg19 <torchvision vgg19-dcbb9e9d.pth>`.
 
 Note: the paper tunes α on 1000 ILSVRC2014 training images; this script reports the whole
-sweep, the α that is best on the evaluated images (optimistic) and the error at the paper's α.
+sweep, the α that is best on the evaluated images (optimistic) and the error at the paper's α
+(at the nearest grid value: Table 1's α = 1.1 is off the 0:0.5:10 grid). Signed methods are
+scored on |map|; CAM needs a global-average-pooling model, so for VGG-19 use gradcam.
 """
 from __future__ import annotations
 

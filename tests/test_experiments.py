@@ -205,6 +205,13 @@ def test_voc07_finetune_head(m, voc):
         assert (a.shape != b.shape) if i in head_idx else np.array_equal(a, b)
 
 
+def test_mean_average_precision():
+    y = np.array([[1, 0], [0, 1], [1, 0], [0, 0]])
+    s = np.array([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.9]])
+    # class 0: ranks 1 and 3 are positives -> (1 + 2/3) / 2; class 1: rank 2 -> 1/2
+    assert voc07_pointing.mean_average_precision(s, y) == pytest.approx(((1 + 2 / 3) / 2 + 0.5) / 2)
+
+
 def test_voc07_pointing(m, voc, tmp_path):
     out = tmp_path / "voc.md"
     head = tmp_path / "head.npz"
@@ -218,6 +225,7 @@ def test_voc07_pointing(m, voc, tmp_path):
     # the car's (0..30, 30..63): distance 10 px -> a hit as well
     assert res["center"]["hits"].tolist() == [True, True, True, True]
     assert "| gfi | 4 |" in out.read_text() and "54.7" in out.read_text()
+    assert 0 < res["mAP"] <= 1 and "mAP" in out.read_text()
     # the difficult car of 000003 is left out on request
     h = np.load(head)
     m20 = voc07_pointing.with_head(m, h["kernel"], h["bias"], datasets.VOC_CLASSES)
