@@ -507,7 +507,8 @@ def _matmul_flops(jaxpr) -> float:
     return total
 
 
-def flops(model, cfg: Config, hw: tuple[int, int] = (224, 224)) -> dict[str, float]:
+def flops(model, cfg: Config, hw: tuple[int, int] = (224, 224),
+          compile: bool = True) -> dict[str, float]:
     """FLOPs per explanation (one image, one target): XLA's cost analysis and the analytic count.
 
     analytic: forward + input-gradient FLOPs of the convolutions and matmuls over all steps —
@@ -516,6 +517,8 @@ def flops(model, cfg: Config, hw: tuple[int, int] = (224, 224)) -> dict[str, flo
     the forward costs). xla: `cost_analysis()` of the compiled program. XLA counts a loop body
     once, so the program is compiled with unrolled loops at 1–2 steps per stage and the
     (exactly linear) step dependence is extrapolated to the configured step counts.
+    compile=False reads the cost analysis of the lowered (unoptimized) program instead:
+    no compile, which matters on accelerators, where compiling is slow.
     """
     arch = model.arch
     l0 = arch.resolve(cfg.l0 or arch.l0)
@@ -532,7 +535,10 @@ def flops(model, cfg: Config, hw: tuple[int, int] = (224, 224)) -> dict[str, flo
         c = dataclasses.replace(cfg, stage1_steps=n1, stage2_steps=n2)
         fn = jax.jit(functools.partial(_gfi_batch, model.features, cfg=c, unroll=True))
         t = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-        ca = fn.lower(model.params, x, t, None).compile().cost_analysis()
+        lowered = fn.lower(model.params, x, t, None)
+        ca = None if compile else lowered.cost_analysis()
+        if ca is None:  # some backends only analyse compiled programs
+            ca = lowered.compile().cost_analysis()
         return float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
 
     base = xla(1, 1)
