@@ -693,10 +693,7 @@ COMMANDS = {
 def _compilation_cache() -> None:
     """A second run of the same model, config and batch shape loads its compiled program."""
     from gfi_jax.weights import enable_compilation_cache
-    try:
-        enable_compilation_cache()
-    except OSError:  # a read-only cache folder only costs the recompile
-        pass
+    enable_compilation_cache()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,8 +39,7 @@ def default_weights_dir(name: str) -> Path:
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
     """Turns on JAX's persistent compilation cache (default `cache_dir()/xla`), so a second
     run of the same program (model, config, batch shape) loads it instead of compiling."""
-    path = Path(path) if path else cache_dir() / "xla"
-    path.mkdir(parents=True, exist_ok=True)
+    path = Path(path) if path else cache_dir() / "xla"  # JAX creates it on its first write
     jax.config.update("jax_compilation_cache_dir", str(path))
     # Cache every program: GFI's compiles take seconds to minutes, all worth keeping.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
