@@ -118,16 +118,21 @@ def lr_trace(cfg: Config) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the mask
 @functools.lru_cache(maxsize=None)
-def interp_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
-    """(n_out, n_in) bilinear interpolation weights, PyTorch's `F.interpolate` grid."""
+def interp_matrix(n_in: int, n_out: int, align_corners: bool,
+                  dtype: str = "float32") -> np.ndarray:
+    """(n_out, n_in) bilinear interpolation weights, PyTorch's `F.interpolate` grid.
+
+    The fraction is rounded to `dtype` first and 1 − fraction formed in `dtype`, as PyTorch
+    does in its compute type (forming both in float64 and rounding afterwards can differ in
+    the last bit, and GFI's optimization amplifies last-bit differences)."""
     if align_corners:
         src = np.arange(n_out) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
     else:
         src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = src - i0
-    w = np.zeros((n_out, n_in))
+    frac = (src - i0).astype(dtype)
+    w = np.zeros((n_out, n_in), dtype)
     np.add.at(w, (np.arange(n_out), i0), 1 - frac)
     np.add.at(w, (np.arange(n_out), i1), frac)
     return w
@@ -140,8 +145,9 @@ def upsample(m: jax.Array, hw: tuple[int, int], align_corners: bool) -> jax.Arra
     backward are computed image by image (bitwise independent of the batch on XLA:CPU).
     """
     n = m.shape[0]
-    uh = jnp.asarray(interp_matrix(m.shape[1], hw[0], align_corners), m.dtype)
-    uw = jnp.asarray(interp_matrix(m.shape[2], hw[1], align_corners), m.dtype)
+    dt = jnp.dtype(m.dtype).name
+    uh = jnp.asarray(interp_matrix(m.shape[1], hw[0], align_corners, dt))
+    uw = jnp.asarray(interp_matrix(m.shape[2], hw[1], align_corners, dt))
     uh = jnp.broadcast_to(uh, (n, hw[0], m.shape[1]))
     uw = jnp.broadcast_to(uw, (n, hw[1], m.shape[2]))
     hi = jax.lax.Precision.HIGHEST
