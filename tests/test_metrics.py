@@ -1,14 +1,14 @@
 """Known-answer tests of gfi_jax.metrics, and their errors on bad input."""
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import gfi_jax
 from gfi_jax import metrics
 from gfi_jax.models import LoadedModel
+
+from random_models import random_model  # noqa: E402  (tests/ is on sys.path)
 
 
 def _rect(h, w, y0, y1, x0, x1, n=1):
@@ -215,28 +215,6 @@ def test_layer_groups_in_forward_order():
     m = LoadedModel(arch, arch.split()[1], classes=gfi_jax.imagenet_classes())  # shapes only
     names = [n for n, _ in metrics.layer_groups(m, np.zeros((1, 32, 32, 3), np.float32))]
     assert names == [f"convs.{i}" for i in range(13)] + ["fc6", "fc7", "fc8"]
-
-
-def random_model(name: str, seed: int = 0) -> LoadedModel:
-    """A random-init model straight from the abstract state (faster than building modules):
-    He-normal kernels, small biases, identity BatchNorm statistics."""
-    arch = gfi_jax.get_arch(name)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(arch.split()[1])
-    rng = np.random.default_rng(seed)
-    values = []
-    for path, v in leaves:
-        kind = str(getattr(path[-2] if str(path[-1]).endswith("value") else path[-1], "key", ""))
-        if kind == "kernel":
-            a = rng.normal(0, np.sqrt(2 / np.prod(v.shape[:-1])), v.shape)
-        elif kind in ("scale", "var"):
-            a = np.ones(v.shape)
-        elif kind == "bias":
-            a = rng.uniform(-0.1, 0.1, v.shape)
-        else:
-            a = np.zeros(v.shape)
-        values.append(jnp.asarray(a, v.dtype))
-    return LoadedModel(arch, jax.tree_util.tree_unflatten(treedef, values),
-                       classes=gfi_jax.imagenet_classes())
 
 
 @pytest.fixture(scope="module")
