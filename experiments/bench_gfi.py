@@ -26,7 +26,6 @@ Writes experiments/results/bench_gfi_<backend>.md (command, machine, date, table
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import platform
@@ -250,10 +249,8 @@ def main() -> int:
 
     for name in args.models.split(","):
         arch = get_arch(name)
-        cfg = gfi_jax.preset(args.preset)
-        l0 = arch.resolve(cfg.l0 or arch.l0)
-        l1 = arch.resolve(cfg.l1) if cfg.l1 else (l0 if cfg.same_layer else arch.l1)
-        cfg = dataclasses.replace(cfg, l0=l0, l1=l1)
+        cfg = G.resolve_layers(gfi_jax.preset(args.preset), arch)
+        l0, l1 = cfg.l0, cfg.l1
         net, sd = torch_net(name) if not args.no_oracle else (None, None)
         model = jax_model(name, sd)
         fl = G.flops(model, cfg, (args.size, args.size), compile=False)

@@ -40,8 +40,8 @@ def main() -> int:
         for preset in args.presets.split(","):
             cfg = gfi_jax.preset(preset)
             f = G.flops(model, cfg, (args.size, args.size))
-            l0 = arch.l0
-            l1 = l0 if cfg.same_layer else arch.l1
+            layers = G.resolve_layers(cfg, arch)
+            l0, l1 = layers.l0, layers.l1
             rows.append(f"| {name} | {preset} | {l0} / {l1} | {f['forward'] / 1e9:.2f} | "
                         f"{f['analytic'] / 1e9:.1f} | {f['xla'] / 1e9:.1f} | {f['xla'] / f['analytic']:.3f} |")
             print(rows[-1], file=sys.stderr)

@@ -436,6 +436,14 @@ def _targets_array(targets, batch: int, num_classes: int) -> np.ndarray:
     return t.astype(np.int32)
 
 
+def resolve_layers(cfg: Config, arch) -> Config:
+    """`cfg` with l0/l1 set to `arch`'s layer names: the config's own (aliases resolved), or
+    the architecture's defaults (l1 = l0 when `same_layer`, as the released code does)."""
+    l0 = arch.resolve(cfg.l0 or arch.l0)
+    l1 = arch.resolve(cfg.l1) if cfg.l1 else (l0 if cfg.same_layer else arch.l1)
+    return dataclasses.replace(cfg, l0=l0, l1=l1)
+
+
 def explain(model, images, targets=None, preset: str | Config = "reference",
             background=None, sequential: bool | None = None) -> Explanation:
     """Explains `images` `(B, H, W, 3)` (preprocessed for `model`) with GFI.
@@ -447,11 +455,7 @@ def explain(model, images, targets=None, preset: str | Config = "reference",
     bit for bit the answer it gets alone (see `gfi`). Default: on CPU yes, on accelerators
     no (there the batch is what makes it fast).
     """
-    cfg = _preset(preset)
-    arch = model.arch
-    l0 = arch.resolve(cfg.l0 or arch.l0)
-    l1 = arch.resolve(cfg.l1) if cfg.l1 else (l0 if cfg.same_layer else arch.l1)
-    cfg = dataclasses.replace(cfg, l0=l0, l1=l1)
+    cfg = resolve_layers(_preset(preset), model.arch)
     # float64 models (x64 mode) explain in float64; everything else in float32 (see
     # `accumulation_dtype`).
     images = np.asarray(images, model.input_dtype)
@@ -526,10 +530,8 @@ def flops(model, cfg: Config, hw: tuple[int, int] = (224, 224),
     compile=False reads the cost analysis of the lowered (unoptimized) program instead:
     no compile, which matters on accelerators, where compiling is slow.
     """
-    arch = model.arch
-    l0 = arch.resolve(cfg.l0 or arch.l0)
-    l1 = arch.resolve(cfg.l1) if cfg.l1 else (l0 if cfg.same_layer else arch.l1)
-    cfg = dataclasses.replace(cfg, l0=l0, l1=l1, trace_omega=False)
+    cfg = dataclasses.replace(resolve_layers(cfg, model.arch), trace_omega=False)
+    l0 = cfg.l0
     x = jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32)
     fwd = lambda layers: _matmul_flops(jax.make_jaxpr(  # noqa: E731
         lambda p, x: model.features(p, x, layers))(model.params, x).jaxpr)

@@ -185,10 +185,8 @@ def to_mask_dtype(m: np.ndarray, dtype: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- compute
 def resolve_config(model, cfg):
     """The config with l0/l1 resolved to the model's layer names (as `gfi.explain` does)."""
-    arch = model.arch
-    l0 = arch.resolve(cfg.l0 or arch.l0)
-    l1 = arch.resolve(cfg.l1) if cfg.l1 else (l0 if cfg.same_layer else arch.l1)
-    return dataclasses.replace(cfg, l0=l0, l1=l1)
+    from gfi_jax.gfi import resolve_layers
+    return resolve_layers(cfg, model.arch)
 
 
 def make_step(model, method: str, cfg, mesh, sequential: bool) -> Callable:

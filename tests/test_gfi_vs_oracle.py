@@ -45,7 +45,6 @@ def compare(model, torch_features, images, name, l0, l1, strict=True):
                            preset=dataclasses.replace(cfg, trace_omega=True), background=p)
     ref = O.explain(torch_features, nchw(images), nchw(p), target, l0, l1, ORACLE[name]())
     assert ref["loss"].shape == ours.loss_trace.shape
-    s1 = cfg.stage1_steps
     # Step 0 is a pure forward + loss evaluation: it agrees to float32 round-off.
     np.testing.assert_allclose(ours.loss_trace[:, 0], ref["loss"][:, 0], rtol=1e-5)
     r = [pearson(a, b) for a, b in zip(ours.mask, ref["mask"])]
