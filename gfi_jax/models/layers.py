@@ -80,6 +80,90 @@ def conv(cin: int, cout: int, k: int, *, stride: int = 1, pad: int | str = 0, gr
                     param_dtype=jnp.float32, rngs=rngs)
 
 
+class DepthwiseConv(nnx.Conv):
+    """A k×k depthwise conv (`feature_group_count` = channels) with the parameters of
+    `nnx.Conv`, computed on CPU as k² shifted multiply-adds with a hand-written backward.
+
+    XLA:CPU lowers grouped convolutions to a slow generic loop: on this project's CPU a
+    depthwise layer followed by ReLU6 and its input gradient run 10–100× faster as shifted
+    products (experiments/results/bench_models_cpu.md). Accelerators keep the convolution,
+    which their libraries implement well.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if jax.default_backend() != "cpu":
+            return super().__call__(x)
+        kernel = self.kernel[...].astype(self.dtype)          # (k, k, 1, C)
+        xp, out_hw = _pad_same(x.astype(self.dtype), kernel.shape[:2], self.strides,
+                               self.padding)
+        y = _depthwise(xp, kernel, tuple(self.strides), out_hw)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+def _pad_same(x: jax.Array, k: tuple[int, int], s: tuple[int, int], padding):
+    """x padded as `lax.conv_general_dilated` pads it ('SAME' or explicit pairs), and the
+    output size."""
+    H, W = x.shape[1:3]
+    if padding == "SAME":
+        pads = []
+        for n, kk, ss in ((H, k[0], s[0]), (W, k[1], s[1])):
+            total = max((-(-n // ss) - 1) * ss + kk - n, 0)
+            pads.append((total // 2, total - total // 2))
+    else:
+        pads = list(padding)
+    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    return xp, ((xp.shape[1] - k[0]) // s[0] + 1, (xp.shape[2] - k[1]) // s[1] + 1)
+
+
+def _taps(xp: jax.Array, kernel: jax.Array, s: tuple[int, int], out_hw: tuple[int, int]):
+    """Σ_ij xp[s·o + (i, j)] · kernel[i, j]: a depthwise correlation of a padded input."""
+    (kh, kw), (oh, ow) = kernel.shape[:2], out_hw
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = xp[:, i:i + s[0] * (oh - 1) + 1:s[0], j:j + s[1] * (ow - 1) + 1:s[1], :]
+            y = tap * kernel[i, j, 0] if y is None else y + tap * kernel[i, j, 0]
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(xp, kernel, s, out_hw):
+    return _taps(xp, kernel, s, out_hw)
+
+
+def _depthwise_fwd(xp, kernel, s, out_hw):
+    return _taps(xp, kernel, s, out_hw), (xp, kernel)
+
+
+def _depthwise_bwd(s, out_hw, res, g):
+    # Why by hand: autodiff of the taps gives k² padded copies of g, and XLA fuses the
+    # producer of g (e.g. ReLU6's mask, which recomputes the k² forward taps) into each of
+    # them: k⁴ work. Here g is materialized once (the barrier) and the input gradient is one
+    # correlation of the dilated, padded g with the flipped kernel (a transposed conv).
+    xp, kernel = res
+    g = jax.lax.optimization_barrier(g)
+    (kh, kw), (Hp, Wp), (oh, ow) = kernel.shape[:2], xp.shape[1:3], out_hw
+    Lh, Lw = s[0] * (oh - 1) + 1, s[1] * (ow - 1) + 1
+    gd = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (kh - 1, Hp - Lh, s[0] - 1),
+                                                  (kw - 1, Wp - Lw, s[1] - 1), (0, 0, 0)))
+    dxp = _taps(gd, kernel[::-1, ::-1], (1, 1), (Hp, Wp))
+    dk = jnp.stack([jnp.stack([
+        jnp.einsum("nhwc,nhwc->c", xp[:, i:i + Lh:s[0], j:j + Lw:s[1], :], g)
+        for j in range(kw)]) for i in range(kh)])[:, :, None, :]
+    return dxp, dk.astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_conv(c: int, k: int, *, stride: int = 1, pad: int | str = 0, bias: bool = True,
+                   dtype=jnp.float32, rngs: nnx.Rngs) -> DepthwiseConv:
+    padding = pad if isinstance(pad, str) else ((pad, pad), (pad, pad))
+    return DepthwiseConv(c, c, (k, k), strides=(stride, stride), padding=padding,
+                         feature_group_count=c, use_bias=bias, dtype=dtype,
+                         param_dtype=jnp.float32, rngs=rngs)
+
+
 def batch_norm(c: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.BatchNorm:
     """Inference-mode BatchNorm (running statistics), with PyTorch's eps by default."""
     return nnx.BatchNorm(c, use_running_average=True, epsilon=eps, dtype=dtype,
