@@ -51,6 +51,7 @@ class Config:
     delta: float = 2.0                     # stage-2 penalty weight
     stage2_penalty: Literal["l1", "l2sq"] = "l2sq"
     score: Literal["softmax", "sigmoid"] = "softmax"
+    log_keep: bool = False                 # stage 2 keeps log f_c(Φ) instead of f_c(Φ) (see loss2)
     normalize: Literal["minmax", "max"] = "max"   # (m−min)/(max−min) or (m−min)/max
     upsample_first: bool = True            # normalize after (True) or before upsampling
     align_corners: bool = True             # bilinear upsampling grid
@@ -245,14 +246,17 @@ def rowdot(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum("nk,nk->n", a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-def class_score(logits: jax.Array, target: jax.Array, kind: str) -> jax.Array:
-    """f_c: softmax probability (single-label) or sigmoid (multi-label) of class `target`."""
+def class_score(logits: jax.Array, target: jax.Array, kind: str, log: bool = False) -> jax.Array:
+    """f_c: softmax probability (single-label) or sigmoid (multi-label) of class `target`;
+    its logarithm, computed stably, with `log`."""
     logits = logits.astype(accumulation_dtype(logits.dtype))
     z = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
     if kind == "sigmoid":
-        return jax.nn.sigmoid(z)
+        return jax.nn.log_sigmoid(z) if log else jax.nn.sigmoid(z)
     top = jax.lax.stop_gradient(logits.max(axis=1, keepdims=True))
     e = jnp.exp(logits - top)
+    if log:
+        return z - top[:, 0] - jnp.log(rowdot(e, jnp.ones_like(e)))
     return jnp.exp(z - top[:, 0]) / rowdot(e, jnp.ones_like(e))
 
 
@@ -353,16 +357,23 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
     omega = rep(omega)
     state = opt2.init(omega) if cfg.restart_stage2 else jax.tree.map(rep, state)
 
-    def scores(omega):
+    def logits2(omega):
         m = mask(omega, f1n, (H, W), cfg)
         both = jnp.concatenate([blend(x, pn, m), blend(x, pn, 1.0 - m)])  # Φ and Φ_bg
-        s = class_score(features(params, both, ("logits",))["logits"], jnp.concatenate([c, c]),
-                        cfg.score)
-        return s[:B * K], s[B * K:]
+        z = features(params, both, ("logits",))["logits"]
+        return z[:B * K], z[B * K:]
+
+    def scores(omega):
+        z_fg, z_bg = logits2(omega)
+        return class_score(z_fg, c, cfg.score), class_score(z_bg, c, cfg.score)
 
     def loss2(omega):
-        s_fg, s_bg = scores(omega)
-        per = -s_fg + cfg.lam * s_bg + cfg.delta * penalty(omega, cfg.stage2_penalty)
+        # log_keep: −log f_c(Φ) keeps a gradient when c has a small probability in Φ (other
+        # objects in the scene take the softmax mass), where −f_c(Φ)'s vanishes with f_c.
+        z_fg, z_bg = logits2(omega)
+        keep = class_score(z_fg, c, cfg.score, log=cfg.log_keep)
+        per = (-keep + cfg.lam * class_score(z_bg, c, cfg.score)
+               + cfg.delta * penalty(omega, cfg.stage2_penalty))
         return per.sum(), per
 
     (omega, _), (trace2, omegas2) = jax.lax.scan(step(loss2, opt2), (omega, state), None,

@@ -40,6 +40,8 @@ Choices where the texts are silent or ambiguous (the JAX engine must mirror them
       dtype=torch.float64 and a float64 network: the rounding-free comparison).
   C11 f_c: softmax(logits)[c] ("softmax") or sigmoid(logits[c]) ("sigmoid", multi-label heads);
       the same f_c is used in the highlight and the suppress terms.
+  C13 log_keep (not in the paper; an option of this project): the highlight term is
+      log f_c(Phi), whose gradient does not vanish when c has a small probability in Phi.
   C12 'loss' is the per-image total loss (data terms + regularizer) evaluated at omega BEFORE the
       step's update; 'omega_trace' is omega after the update AND the projection.
 """
@@ -72,6 +74,7 @@ class OracleConfig:
     omega_init: float = 0.1
     lam: float = 1.0             # lambda, weight of the suppress term f_c(Phi_bg)
     score: str = "softmax"       # or "sigmoid"
+    log_keep: bool = False       # C13: the highlight term is log f_c(Phi) instead of f_c(Phi)
     lr_decay_every: int = 10
     lr_decay_factor: float = 0.5
     adam_betas: tuple = (0.9, 0.999)
@@ -141,12 +144,13 @@ def _reg(omega: torch.Tensor, cfg: OracleConfig) -> torch.Tensor:
     return omega.abs().sum(1) if cfg.reg == "l1" else (omega ** 2).sum(1)       # (B,), C7
 
 
-def _score(logits: torch.Tensor, target: torch.Tensor, cfg: OracleConfig) -> torch.Tensor:
-    """f_c per image (C11)."""
+def _score(logits: torch.Tensor, target: torch.Tensor, cfg: OracleConfig,
+           log: bool = False) -> torch.Tensor:
+    """f_c per image (C11), or log f_c (C13)."""
     if cfg.score == "softmax":
-        probs = torch.softmax(logits, dim=1)
+        probs = (torch.log_softmax if log else torch.softmax)(logits, dim=1)
     else:
-        probs = torch.sigmoid(logits)
+        probs = (torch.nn.functional.logsigmoid if log else torch.sigmoid)(logits)
     return probs.gather(1, target[:, None])[:, 0]
 
 
@@ -190,7 +194,7 @@ def explain(features: Callable, x, p, target, l0: str, l1: str, cfg: OracleConfi
             loss = err + cfg.gamma * _reg(omega, cfg)
         else:                                                       # Eq. 9 / reference
             phi_bg = x * (1 - mask) + p * mask                      # Eq. 4 with m_bg = 1 - m
-            hi = _score(features(phi)["logits"].to(dtype), target, cfg)
+            hi = _score(features(phi)["logits"].to(dtype), target, cfg, log=cfg.log_keep)
             lo = _score(features(phi_bg)["logits"].to(dtype), target, cfg)
             loss = -hi + cfg.lam * lo + cfg.delta * _reg(omega, cfg)
         losses.append(loss.detach())

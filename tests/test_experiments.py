@@ -270,3 +270,45 @@ def test_runtime(m, imagenet, tmp_path):
                         *FAST], models={"resnet18": m})
     assert 0 < res["resnet18"]["batch1"] and 0 < res["resnet18"]["batch2"]
     assert "6.43" in out.read_text()
+
+
+def test_offline_benchmark(m, tmp_path, monkeypatch):
+    import offline_benchmark
+    data = tmp_path / "samples"
+    data.mkdir()
+    labels = [i % 6 for i in range(12)]
+    for i in range(12):
+        image(data / f"img{i}.png", BOXES[i % 4], seed=100 + i)
+    (data / "labels.csv").write_text("file,class_index,wnid,name\n" + "".join(
+        f"img{i}.png,{c},n0,x\n" for i, c in enumerate(labels)))
+    # A random model predicts one class for everything; the selection of confidently,
+    # correctly classified images is tested in test_metrics, so here the classifier's verdict
+    # is given: every image correct (the explanations still come from the model).
+    monkeypatch.setattr(offline_benchmark, "predict",
+                        lambda model, x, batch=32: np.eye(1000)[labels[:len(x)]])
+    args = ["--data", str(data), "--size", str(SIZE), "--mosaics", "3",
+            "--images", "3", "--steps", "4", "--batch", "2", "--methods", "Grad,Center",
+            "--gfi", "GFI short:preset=reference,stage1_steps=1,stage2_steps=1",
+            "--randomization-images", "1", "--randomization-every", "30", "--no-stability",
+            "--figure-images", "2", "--quiet"]
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        runs.append(offline_benchmark.main(args + ["--cache", str(out / "cache"), "--out",
+                                                   str(out / "bench.md"), "--figure",
+                                                   str(out / "fig.png")], model=m))
+    res = runs[0]["results"]
+    assert set(res) == {"Grad", "Center", "GFI short"}
+    for r in res.values():
+        assert 0 <= r["energy"] <= 1 and 0 <= r["hit"] <= 1
+        assert 0 <= r["deletion"] <= 1 and 0 <= r["insertion"] <= 1
+    # The centred Gaussian is symmetric: a quarter of its energy in every cell.
+    assert abs(res["Center"]["energy"] - 0.25) < 1e-6
+    assert runs[0]["randomization"]["Center"][:3] == (1.0, 1.0, 1.0)
+    # Fixed seeds: a second run from an empty cache gives the same numbers.
+    strip = lambda r: {k: {m: v for m, v in d.items() if not m.endswith("_s")}  # noqa: E731
+                       for k, d in r["results"].items()}
+    assert strip(runs[0]) == strip(runs[1])
+    text = (tmp_path / "run0" / "bench.md").read_text()
+    assert "offline_benchmark.py" in text and "| GFI short |" in text
+    assert (tmp_path / "run0" / "fig.png").stat().st_size > 1000

@@ -89,6 +89,16 @@ def test_scores_match_the_model(resnet, images):
                                rtol=1e-4)
 
 
+@pytest.mark.parametrize("log_keep", [False, True])
+def test_stage2_loss_keep_term(resnet, images, log_keep):
+    # lr = 0: ω stays at its start, so the first stage-2 loss is made of the returned scores.
+    cfg = gfi_jax.preset(stage1_steps=1, stage2_steps=1, lr=0.0, log_keep=log_keep)
+    e = gfi_jax.explain(resnet, images[:2], targets=[1, 2], preset=cfg)
+    keep = np.log(e.score_masked) if log_keep else e.score_masked
+    expect = -keep + cfg.lam * e.score_background + cfg.delta * (e.omega ** 2).sum(1)
+    np.testing.assert_allclose(e.loss_trace[:, 1], expect, rtol=1e-5)
+
+
 def test_step_size_schedules():
     paper = G.lr_trace(gfi_jax.preset("paper"))
     expected = [1e-2] * 11 + [1e-2 * 0.5 ** (t // 10) for t in range(71)]

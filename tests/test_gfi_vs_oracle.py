@@ -1,7 +1,9 @@
 """The JAX engine against the independent PyTorch oracle (tests/gfi_oracle.py), same weights.
 
 Before rounding noise is amplified (the first five steps of each stage) the per-image loss and
-ω must agree to 1e-4 relative; the final masks must agree with median Pearson >= 0.95.
+ω must agree to 1e-4 relative (in float64 for the real EfficientNet-Lite0); the final masks
+must agree with median Pearson >= 0.95 (0.9 with real weights in float32, where the final mask
+of some images is chaotic in the rounding: see `compare`).
 """
 from __future__ import annotations
 
@@ -48,7 +50,15 @@ def compare(model, torch_features, images, name, l0, l1, strict=True):
     # Step 0 is a pure forward + loss evaluation: it agrees to float32 round-off.
     np.testing.assert_allclose(ours.loss_trace[:, 0], ref["loss"][:, 0], rtol=1e-5)
     r = [pearson(a, b) for a, b in zip(ours.mask, ref["mask"])]
-    assert np.median(r) >= 0.95, (name, r)
+    # Real weights in float32 (strict=False): the final mask of some images is chaotic in the
+    # rounding. Measured for the `reference` preset on the three images below: Pearson 0.970,
+    # 0.500, 0.945 against the oracle, after a change of summation order in the depthwise
+    # convolutions alone (before it: 0.77, 0.51, 1.00 in one variant); yet the image at 0.500
+    # agrees to 0.999 when both sides run the whole schedule in float64 (an ad-hoc run of this
+    # comparison with dtype float64, 49 s here and 9 min for the oracle: too slow for CI).
+    # So the float32 bound on real weights is looser; the algorithm is checked by the float64
+    # early steps (compare_float64), strictly.
+    assert np.median(r) >= (0.95 if strict else 0.9), (name, r)
     if not strict:
         np.testing.assert_allclose(ours.loss_trace[:, :5], ref["loss"][:, :5], rtol=1e-3,
                                    err_msg=f"{name}: stage-1 loss, first 5 steps")

@@ -228,6 +228,11 @@ def test_cascading_randomization(resnet):
     assert r["layers"][0] == "fc" and r["layers"][-1] == "conv1"
     assert r["spearman"].shape == (len(r["layers"]), 2)
     assert (r["spearman"][-1] < 0.9).all()              # every weight redrawn: a new map
+    # Explaining after every 3rd unit only: the same cumulative randomization, fewer rows.
+    s = metrics.cascading_randomization(resnet, x, "grad", every=3)
+    keep = [i for i in range(len(r["layers"])) if (i + 1) % 3 == 0 or i + 1 == len(r["layers"])]
+    assert s["layers"] == [r["layers"][i] for i in keep]
+    np.testing.assert_allclose(s["spearman"], r["spearman"][keep], rtol=1e-6)
     # The Center baseline ignores the model: its maps never change.
     c = metrics.cascading_randomization(resnet, x, "center")
     assert np.allclose(c["spearman"], 1.0)
