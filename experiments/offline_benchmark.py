@@ -313,9 +313,9 @@ def report(args, specs, results, rand, stab, names, sel, n_images, probs, labels
         f"four classes, one random cell explained); seed {args.seed}",
         f"- deletion/insertion: {len(sel)} correctly classified images, {args.steps} steps, "
         f"blurred substrate (σ 5 px), softmax of the true class; seed {args.seed}",
-        f"- randomization: {args.randomization_images} of those images, units re-drawn from the "
-        f"top down (He-normal, seed {args.seed}); ρ after the top unit, about half, and all "
-        f"(Spearman of |maps|, mean over images)",
+        *([f"- randomization: {args.randomization_images} of those images, units re-drawn from "
+           f"the top down (He-normal, seed {args.seed}); ρ after the top unit, about half, and "
+           f"all (Spearman of |maps|, mean over images)"] if rand else []),
         "- settings: " + "; ".join(f"{k}: {m}({', '.join(f'{a}={b}' for a, b in o.items())})"
                                    for k, (m, o) in specs.items()),
         f"- run time: {seconds / 60:.1f} min (saliency maps cached under --cache; the s/img "

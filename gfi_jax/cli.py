@@ -312,8 +312,9 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, metavar="DIR", help="converted weights folder")
     p.add_argument("--target", default="top1",
                    help="top1 (default), topK, a class index, or a class name")
-    p.add_argument("--preset", default="reference", choices=sorted(PRESETS),
-                   help="GFI hyper-parameters (default reference)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="GFI hyper-parameters (default: the model's, contrastive for "
+                        "efficientnet_lite0, reference for the others)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a GFI config field, e.g. --set stage2_steps=20 (repeatable)")
     p.add_argument("--method", default="gfi",
@@ -514,7 +515,8 @@ def _explain(args) -> int:
         raise CliError("give image files, folders or globs, or --examples")
     methods = _methods(args.method)
     try:
-        cfg = gfi_jax.preset(args.preset, **parse_overrides(args.set))
+        name = args.preset or gfi_jax.gfi.default_preset(args.model or DEFAULT_MODEL)
+        cfg = gfi_jax.preset(name, **parse_overrides(args.set))
     except ValueError as e:
         raise CliError(str(e)) from None
     out = prepare_out(args.out)

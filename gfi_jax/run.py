@@ -241,7 +241,7 @@ def local_rows(a) -> np.ndarray:
 def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | None = None, *,
         model: str = "efficientnet_lite0", weights: str | os.PathLike | None = None,
         method: str = "gfi", targets: str = "top1", batch_size: int = 8,
-        out: str | os.PathLike = "gfi-out", dtype: str = "uint8", preset: str = "reference",
+        out: str | os.PathLike = "gfi-out", dtype: str = "uint8", preset: str | None = None,
         image_size: int | None = None, model_dtype: str = "float32", workers: int = 0,
         threads: int = 2, prefetch: int = 2, sequential: bool | None = None,
         progress: bool = True, **config) -> Summary:
@@ -298,6 +298,7 @@ def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | 
         sequential = jax.default_backend() == "cpu"
     if method == "gfi":
         from gfi_jax import gfi
+        preset = preset or gfi.default_preset(m.arch.name)
         cfg = resolve_config(m, gfi.preset(preset, **config))
         gfi.check_layers(m, cfg, hw)
     else:
@@ -566,7 +567,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="class to explain: the top-1 prediction or the list's label")
     p.add_argument("--batch-size", type=int, default=8, help="global batch (multiple of devices)")
     p.add_argument("--mask-dtype", default="uint8", choices=tuple(MASK_DTYPES), dest="dtype")
-    p.add_argument("--preset", default="reference", help="GFI preset: reference or paper")
+    p.add_argument("--preset", default=None,
+                   help="GFI preset: reference, paper or contrastive (default: the model's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config override, e.g. --set stage1_steps=1 (repeatable)")
     p.add_argument("--image-size", type=int, default=None, help="input side (default: model's)")

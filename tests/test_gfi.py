@@ -1,6 +1,8 @@
 """The GFI engine: batching, projection, schedules, target handling, compilation, bad input."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -97,6 +99,15 @@ def test_stage2_loss_keep_term(resnet, images, log_keep):
     keep = np.log(e.score_masked) if log_keep else e.score_masked
     expect = -keep + cfg.lam * e.score_background + cfg.delta * (e.omega ** 2).sum(1)
     np.testing.assert_allclose(e.loss_trace[:, 1], expect, rtol=1e-5)
+
+
+def test_default_preset_per_architecture(resnet, images):
+    assert gfi_jax.gfi.default_preset("efficientnet_lite0") == "contrastive"
+    assert gfi_jax.gfi.default_preset("resnet18") == "reference"
+    assert gfi_jax.preset("contrastive") == dataclasses.replace(
+        gfi_jax.preset("reference"), name="contrastive", log_keep=True)
+    e = gfi_jax.explain(resnet, images[:1])
+    assert e.config.name == "reference" and not e.config.log_keep
 
 
 def test_step_size_schedules():

@@ -56,7 +56,7 @@ def make_config(method: str, model=None, **config) -> Any:
     """The method's config with `config` fields set and model-dependent defaults resolved."""
     meth = get_method(method)
     if meth.name == "gfi":
-        return GfiConfig(config.pop("preset", "reference"), tuple(sorted(config.items())))
+        return GfiConfig(config.pop("preset", None), tuple(sorted(config.items())))
     fields = {f.name for f in dataclasses.fields(meth.config)}
     unknown = set(config) - fields
     if unknown:
@@ -122,7 +122,7 @@ def attribute(m, images, method: str = "gfi", targets=None, **config) -> np.ndar
     cfg = make_config(meth.name, m, **config)
     t = targets_array(targets, images.shape[0], len(m.classes))
     if meth.name == "gfi":
-        gcfg = _gfi.preset(cfg.preset, **dict(cfg.overrides))
+        gcfg = _gfi.preset(cfg.preset or _gfi.default_preset(m.arch.name), **dict(cfg.overrides))
         return _gfi.explain(m, images, targets, preset=gcfg).mask
     out = compiled(meth.name, m.features, cfg)(m.params, images, t)
     return np.asarray(jax.device_get(out), np.float32)

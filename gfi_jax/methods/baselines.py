@@ -29,5 +29,5 @@ def center(features: Features, params: Any, images: jax.Array, targets: jax.Arra
 
 @dataclasses.dataclass(frozen=True)
 class GfiConfig:
-    preset: str = "reference"
+    preset: str | None = None          # None: the model's default (gfi.default_preset)
     overrides: tuple[tuple[str, Any], ...] = ()   # gfi.Config fields, e.g. (("l1", "conv5_3"),)
