@@ -39,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from stability import pearson  # noqa: E402
 
 import gfi_jax  # noqa: E402
 from gfi_jax import metrics, viz  # noqa: E402
@@ -154,12 +155,6 @@ def saliency(model, name, spec, images, targets, batch: int, cache: Path, task: 
         out.append(s)
         log(f"  {name} [{task}] {i + len(s)}/{len(images)}  {spent / computed:.2f} s/img")
     return np.concatenate(out), (spent / computed if computed else float("nan"))
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
-    den = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / den) if den > 0 else float(np.array_equal(a, b))
 
 
 def stability(model, x, targets, cfg, noise: float, seed: int) -> dict[str, list[float]]:
