@@ -476,6 +476,7 @@ def explain(model, images, targets=None, preset: str | Config | None = None,
 
     targets: None or "top1" (default), "topK" (K explanations per image), "rankK" (the
     K-th ranked class), an int for all images, one int per image, or `(B, K)` ints.
+    preset: a preset name or a `Config`; None: the model's default (`DEFAULT_PRESETS`).
     background: None (the config's: blur / mean / noise) or an explicit `(B, H, W, 3)` p.
     sequential: explain the images one after another inside the program, so that each gets
     bit for bit the answer it gets alone (see `gfi`). Default: on CPU yes, on accelerators
