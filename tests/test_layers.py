@@ -1,6 +1,7 @@
-"""The CPU depthwise convolution (shifted products, hand-written backward) against XLA's
-grouped convolution: values and both gradients, for the strides, kernels and paddings the
-model ports use."""
+"""The CPU convolutions against XLA's: the depthwise one (shifted products, hand-written
+backward) against the grouped convolution, and the dense one (hand-written input gradient)
+against autodiff of `lax.conv_general_dilated`; values and both gradients, for the strides,
+kernels and paddings the model ports use."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,3 +34,54 @@ def test_depthwise_matches_grouped_conv(k, stride, pad, hw):
     assert float(jnp.abs(g[1]["kernel"][...]).max()) > 0
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("k,stride,pad,hw", [(3, 1, 1, 9), (3, 2, 1, 10), (3, 2, 1, 9),
+                                             (1, 2, 0, 8), (7, 2, 3, 17), (11, 4, 2, 67),
+                                             (3, 2, "SAME", 14), (1, 1, "SAME", 5)])
+def test_dense_conv_matches_autodiff(k, stride, pad, hw):
+    mod = layers.conv(5, 7, k, stride=stride, pad=pad, rngs=nnx.Rngs(0))
+    assert mod.conv_general_dilated is layers.conv_general_dilated
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, hw, hw, 5))
+    y = mod(x)
+    plain = nnx.merge(*nnx.split(mod))
+    plain.conv_general_dilated = jax.lax.conv_general_dilated
+    np.testing.assert_array_equal(y, plain(x))
+    w = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+
+    def grads(m):
+        gdef, params = nnx.split(m)
+        f = lambda x, p: (jax.nn.relu(nnx.merge(gdef, p)(x)) * w).sum()  # noqa: E731
+        return jax.grad(f, argnums=(0, 1))(x, params)
+
+    g, g_ref = grads(mod), grads(plain)
+    assert float(jnp.abs(g[0]).max()) > 0
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+    # Inside a scan (where the rule matters) it computes the same input gradient.
+    gdef, params = nnx.split(mod)
+    dx = jax.grad(lambda x: (jax.nn.relu(nnx.merge(gdef, params)(x)) * w).sum())
+
+    def body(c, _):
+        return c - 0.1 * dx(c), None
+    looped = jax.jit(lambda x: jax.lax.scan(body, x, None, length=2)[0])(x)
+    step1 = x - 0.1 * dx(x)
+    np.testing.assert_allclose(looped, step1 - 0.1 * dx(step1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,stride,pad,hw", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 0, 13),
+                                             (3, 2, 1, 12), (3, 2, 1, 11)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_gradient_matches_select_and_scatter(k, stride, pad, hw, ties):
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, hw, hw, 4))
+    if ties:  # few distinct values: most windows have several maxima
+        x = jnp.round(x)
+    w = jax.random.normal(jax.random.PRNGKey(4), layers._max_pool_plain(x, k, stride, pad).shape)
+    f = lambda pool: lambda x: (pool(x, k, stride, pad) * w).sum()  # noqa: E731
+    np.testing.assert_array_equal(layers.max_pool(x, k, stride, pad),
+                                  layers._max_pool_plain(x, k, stride, pad))
+    g = jax.grad(f(layers._max_pool))(x)
+    g_ref = jax.grad(f(layers._max_pool_plain))(x)
+    assert int((g != 0).sum()) > 0
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 
 def collect(stages: Iterator[tuple[str, jax.Array]], layers: Iterable[str]) -> dict[str, jax.Array]:
@@ -67,8 +68,52 @@ def adaptive_avg_pool(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
 
 
 def max_pool(x: jax.Array, k: int, s: int, pad: int = 0) -> jax.Array:
-    """`torch.nn.MaxPool2d(k, s, pad)` (floor mode): padding never wins the max."""
+    """`torch.nn.MaxPool2d(k, s, pad)` (floor mode): padding never wins the max.
+
+    On CPU with a hand-written backward: XLA:CPU's select-and-scatter (autodiff's rule) is
+    60× slower than the forward (224×224×64, 2×2: 0.67 ms forward, 41 ms gradient on this
+    project's 2-core CPU); k² masked, strided copies of the cotangent do the same job.
+    """
+    if jax.default_backend() != "cpu":
+        return _max_pool_plain(x, k, s, pad)
+    return _max_pool(x, k, s, pad)
+
+
+def _max_pool_plain(x, k, s, pad):
     return nnx.max_pool(x, (k, k), (s, s), padding=((pad, pad), (pad, pad)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, k, s, pad):
+    return _max_pool_plain(x, k, s, pad)
+
+
+def _max_pool_fwd(x, k, s, pad):
+    y = _max_pool_plain(x, k, s, pad)
+    return y, (x, y)
+
+
+def _max_pool_bwd(k, s, pad, res, g):
+    # Each output's cotangent goes to the first input of its window (row-major) that equals
+    # the max: select-and-scatter's rule with its `>=` select, so ties resolve the same way.
+    x, y = res
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
+    (Hp, Wp), (oh, ow) = xp.shape[1:3], y.shape[1:3]
+    Lh, Lw = s * (oh - 1) + 1, s * (ow - 1) + 1
+    taken = jnp.zeros(y.shape, bool)
+    dxp = jnp.zeros(xp.shape, g.dtype)
+    zero = jnp.zeros((), g.dtype)
+    for i in range(k):
+        for j in range(k):
+            hit = (xp[:, i:i + Lh:s, j:j + Lw:s, :] == y) & ~taken
+            taken = taken | hit
+            dxp = dxp + lax.pad(jnp.where(hit, g, zero), zero,
+                                ((0, 0, 0), (i, Hp - i - Lh, s - 1), (j, Wp - j - Lw, s - 1),
+                                 (0, 0, 0)))
+    return (dxp[:, pad:Hp - pad, pad:Wp - pad, :],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def conv(cin: int, cout: int, k: int, *, stride: int = 1, pad: int | str = 0, groups: int = 1,
@@ -77,7 +122,71 @@ def conv(cin: int, cout: int, k: int, *, stride: int = 1, pad: int | str = 0, gr
     padding = pad if isinstance(pad, str) else ((pad, pad), (pad, pad))
     return nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=padding,
                     feature_group_count=groups, use_bias=bias, dtype=dtype,
-                    param_dtype=jnp.float32, rngs=rngs)
+                    param_dtype=jnp.float32, rngs=rngs, conv_general_dilated=conv_general_dilated)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None,
+                         out_sharding=None, **kwargs):
+    """`lax.conv_general_dilated`; on CPU, a plain NHWC conv gets a hand-written input gradient.
+
+    Why: inside a loop body (GFI's `lax.scan` over Adam steps) XLA:CPU leaves the transposed
+    kernel of autodiff's input-gradient conv as a dimension relabeling, and that conv runs
+    outside the fast convolution library, 3× slower than the same gradient outside a loop
+    (measured on this project's 2-core CPU, jax 0.10.2: a 56×56×256 3×3 layer through ReLU,
+    input gradient, 43 ms alone, 143 ms per step in a scan, 42 ms with this rule). Here the
+    flipped, transposed kernel is materialized (an `optimization_barrier` keeps XLA from
+    folding it back), so the input gradient is an ordinary HWIO conv. Same numbers, bit for
+    bit. Accelerators, grouped and dilated convs take the plain path.
+    """
+    dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    plain = (jax.default_backend() != "cpu" or feature_group_count != 1 or kwargs
+             or out_sharding is not None
+             or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+             or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != dims)
+    if plain:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dimension_numbers, feature_group_count,
+                                        precision=precision, out_sharding=out_sharding,
+                                        **kwargs)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv(lhs, rhs, tuple(window_strides), pads, precision)
+
+
+def _conv_plain(x, w, s, pads, precision):
+    return lax.conv_general_dilated(x, w, s, pads, dimension_numbers=_NHWC, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, s, pads, precision):
+    return _conv_plain(x, w, s, pads, precision)
+
+
+def _conv_fwd(x, w, s, pads, precision):
+    return _conv_plain(x, w, s, pads, precision), (x, w)
+
+
+def _conv_bwd(s, pads, precision, res, g):
+    # dx: the cotangent, dilated by the stride and padded, correlated with the flipped kernel
+    # (in, out swapped). `r` covers input rows the forward's last window did not reach.
+    x, w = res
+    wt = lax.optimization_barrier(jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+    tpads = []
+    for d, k, (lo, hi), sd in ((1, w.shape[0], pads[0], s[0]), (2, w.shape[1], pads[1], s[1])):
+        r = x.shape[d] + lo + hi - k - (g.shape[d] - 1) * sd
+        tpads.append((k - 1 - lo, k - 1 - hi + r))
+    dx = lax.conv_general_dilated(g, wt, (1, 1), tpads, lhs_dilation=s, dimension_numbers=_NHWC,
+                                  precision=precision)
+    dw = jax.vjp(lambda w: _conv_plain(x, w, s, pads, precision), w)[1](g)[0]  # XLA drops it
+    return dx.astype(x.dtype), dw                                            # when unused
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 _shifted_depthwise = True      # read at trace time; see `grouped_depthwise`
