@@ -77,6 +77,15 @@ def method_specs(args) -> dict[str, tuple[str, dict]]:
     return specs
 
 
+def stability_config(name: str, specs: dict, model) -> gfi_jax.Config:
+    """A preset name, or the name of a GFI method in the table (a --gfi variant)."""
+    if name in specs and specs[name][0] == "gfi":
+        opts = dict(specs[name][1])
+        return gfi_jax.preset(opts.pop("preset", None)
+                              or gfi_jax.gfi.default_preset(model.arch.name), **opts)
+    return gfi_jax.preset(name)
+
+
 def _parse(kv: str) -> tuple[str, object]:
     key, _, value = kv.partition("=")
     for cast in (int, float):
@@ -197,7 +206,8 @@ def main(argv=None, model=None) -> dict:
                     help="explain after every k-th randomized unit (and the last)")
     ap.add_argument("--no-randomization", action="store_true")
     ap.add_argument("--stability-images", type=int, default=8)
-    ap.add_argument("--stability-presets", default="reference,paper")
+    ap.add_argument("--stability-presets", default="reference,paper",
+                    help="comma list of presets or GFI method names of the table")
     ap.add_argument("--no-stability", action="store_true")
     ap.add_argument("--figure-images", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -258,7 +268,8 @@ def main(argv=None, model=None) -> dict:
     if not args.no_stability and args.images:
         xs, ts = x[sel][:args.stability_images], labels[sel][:args.stability_images]
         for p in args.stability_presets.split(","):
-            stab[p] = stability(model, xs, ts, gfi_jax.preset(p), 1e-3, args.seed)
+            stab[p] = stability(model, xs, ts, stability_config(p, specs, model), 1e-3,
+                                args.seed)
             log(f"stability {p}: " + ", ".join(f"{k} min {min(v):.3f}" for k, v in stab[p].items()))
 
     lines = report(args, specs, results, rand, stab, names, sel, len(x), probs, labels,
