@@ -81,8 +81,7 @@ def stability_config(name: str, specs: dict, model) -> gfi_jax.Config:
     """A preset name, or the name of a GFI method in the table (a --gfi variant)."""
     if name in specs and specs[name][0] == "gfi":
         opts = dict(specs[name][1])
-        return gfi_jax.preset(opts.pop("preset", None)
-                              or gfi_jax.gfi.default_preset(model.arch.name), **opts)
+        return gfi_jax.preset(opts.pop("preset", None), arch=model.arch.name, **opts)
     return gfi_jax.preset(name)
 
 

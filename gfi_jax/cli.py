@@ -515,8 +515,8 @@ def _explain(args) -> int:
         raise CliError("give image files, folders or globs, or --examples")
     methods = _methods(args.method)
     try:
-        name = args.preset or gfi_jax.gfi.default_preset(args.model or DEFAULT_MODEL)
-        cfg = gfi_jax.preset(name, **parse_overrides(args.set))
+        cfg = gfi_jax.preset(args.preset, arch=args.model or DEFAULT_MODEL,
+                             **parse_overrides(args.set))
     except ValueError as e:
         raise CliError(str(e)) from None
     out = prepare_out(args.out)

@@ -88,8 +88,12 @@ def default_preset(arch: str) -> str:
     return DEFAULT_PRESETS.get(arch, "reference")
 
 
-def preset(name: str | Config = "reference", **overrides) -> Config:
-    """The named preset (or a Config) with fields overridden: `preset("paper", l1="conv5_3")`."""
+def preset(name: str | Config | None = "reference", *, arch: str | None = None,
+           **overrides) -> Config:
+    """The named preset (or a Config) with fields overridden: `preset("paper", l1="conv5_3")`.
+    name None: the default preset of architecture `arch` (`DEFAULT_PRESETS`)."""
+    if name is None:
+        name = default_preset(arch) if arch else "reference"
     if isinstance(name, Config):
         base = name
     elif name in PRESETS:
@@ -482,8 +486,7 @@ def explain(model, images, targets=None, preset: str | Config | None = None,
     bit for bit the answer it gets alone (see `gfi`). Default: on CPU yes, on accelerators
     no (there the batch is what makes it fast).
     """
-    cfg = resolve_layers(_preset(default_preset(model.arch.name) if preset is None else preset),
-                         model.arch)
+    cfg = resolve_layers(_preset(preset, arch=model.arch.name), model.arch)
     # float64 models (x64 mode) explain in float64; everything else in float32 (see
     # `accumulation_dtype`).
     images = np.asarray(images, model.input_dtype)

@@ -298,8 +298,8 @@ def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | 
         sequential = jax.default_backend() == "cpu"
     if method == "gfi":
         from gfi_jax import gfi
-        preset = preset or gfi.default_preset(m.arch.name)
-        cfg = resolve_config(m, gfi.preset(preset, **config))
+        cfg = resolve_config(m, gfi.preset(preset or None, arch=m.arch.name, **config))
+        preset = cfg.name                      # the run file records the resolved name
         gfi.check_layers(m, cfg, hw)
     else:
         from gfi_jax import methods

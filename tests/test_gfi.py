@@ -106,6 +106,9 @@ def test_default_preset_per_architecture(resnet, images):
     assert gfi_jax.gfi.default_preset("resnet18") == "reference"
     assert gfi_jax.preset("contrastive") == dataclasses.replace(
         gfi_jax.preset("reference"), name="contrastive", log_keep=True)
+    assert gfi_jax.preset(None, arch="efficientnet_lite0") == gfi_jax.preset("contrastive")
+    assert gfi_jax.preset(None, arch="vgg19", gamma=1.0) == gfi_jax.preset("reference", gamma=1.0)
+    assert gfi_jax.preset("paper", arch="efficientnet_lite0").name == "paper"  # a name wins
     e = gfi_jax.explain(resnet, images[:1])
     assert e.config.name == "reference" and not e.config.log_keep
 

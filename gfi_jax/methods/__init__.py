@@ -122,7 +122,7 @@ def attribute(m, images, method: str = "gfi", targets=None, **config) -> np.ndar
     cfg = make_config(meth.name, m, **config)
     t = targets_array(targets, images.shape[0], len(m.classes))
     if meth.name == "gfi":
-        gcfg = _gfi.preset(cfg.preset or _gfi.default_preset(m.arch.name), **dict(cfg.overrides))
+        gcfg = _gfi.preset(cfg.preset, arch=m.arch.name, **dict(cfg.overrides))
         return _gfi.explain(m, images, targets, preset=gcfg).mask
     out = compiled(meth.name, m.features, cfg)(m.params, images, t)
     return np.asarray(jax.device_get(out), np.float32)
