@@ -561,7 +561,7 @@ def flops(model, cfg: Config, hw: tuple[int, int] = (224, 224),
     compile=False reads the cost analysis of the lowered (unoptimized) program instead:
     no compile, which matters on accelerators, where compiling is slow.
     Both count the program as accelerators run it: on CPU the depthwise convolutions run as
-    shifted products (`models.layers.DepthwiseConv`), whose stride-2 input gradient also
+    shifted products (`models.layers.conv_general_dilated`), whose stride-2 input gradient also
     multiplies the zeros of the dilated cotangent (+19% FLOPs on EfficientNet-Lite0).
     """
     from gfi_jax.models.layers import grouped_depthwise

@@ -11,26 +11,36 @@ from flax import nnx
 from gfi_jax.models import layers
 
 
+def _with_lax(mod):
+    """A copy of `mod` that convolves with plain `lax.conv_general_dilated` (autodiff's rules,
+    XLA's grouped convolution)."""
+    plain = nnx.merge(*nnx.split(mod))
+    plain.conv_general_dilated = jax.lax.conv_general_dilated
+    return plain
+
+
 @pytest.mark.parametrize("k,stride,pad,hw", [(3, 1, "SAME", 13), (3, 2, "SAME", 14),
                                              (5, 2, "SAME", 15), (5, 1, 2, 9), (3, 2, 1, 10)])
 def test_depthwise_matches_grouped_conv(k, stride, pad, hw):
-    mod = layers.depthwise_conv(6, k, stride=stride, pad=pad, bias=True, rngs=nnx.Rngs(0))
+    mod = layers.conv(6, 6, k, stride=stride, pad=pad, groups=6, bias=True, rngs=nnx.Rngs(0))
     mod.bias[...] = jnp.arange(6, dtype=jnp.float32) / 10
-    ref = nnx.Conv.__call__          # the parent: lax.conv_general_dilated, grouped
+    ref = _with_lax(mod)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, hw, hw, 6))
-    y_ref, y = ref(mod, x), mod(x)
+    y_ref, y = ref(x), mod(x)
     assert y.shape == y_ref.shape
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    with layers.grouped_depthwise():           # the switch gfi.flops uses
+        np.testing.assert_array_equal(mod(x), y_ref)
 
     # Through ReLU6, the case whose autodiff was slow, with a non-trivial cotangent.
     w = jax.random.normal(jax.random.PRNGKey(2), y.shape)
-    gdef, params = nnx.split(mod)
 
-    def loss(call, x, params):
-        return (jnp.clip(call(nnx.merge(gdef, params), x), 0, 6) * w).sum()
+    def grads(m):
+        gdef, params = nnx.split(m)
+        f = lambda x, p: (jnp.clip(nnx.merge(gdef, p)(x), 0, 6) * w).sum()  # noqa: E731
+        return jax.grad(f, argnums=(0, 1))(x, params)
 
-    g_ref = jax.grad(loss, argnums=(1, 2))(ref, x, params)
-    g = jax.grad(loss, argnums=(1, 2))(type(mod).__call__, x, params)
+    g, g_ref = grads(mod), grads(ref)
     assert float(jnp.abs(g[1]["kernel"][...]).max()) > 0
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
@@ -44,8 +54,7 @@ def test_dense_conv_matches_autodiff(k, stride, pad, hw):
     assert mod.conv_general_dilated is layers.conv_general_dilated
     x = jax.random.normal(jax.random.PRNGKey(1), (2, hw, hw, 5))
     y = mod(x)
-    plain = nnx.merge(*nnx.split(mod))
-    plain.conv_general_dilated = jax.lax.conv_general_dilated
+    plain = _with_lax(mod)
     np.testing.assert_array_equal(y, plain(x))
     w = jax.random.normal(jax.random.PRNGKey(2), y.shape)
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gfi_jax.models.layers import (adaptive_avg_pool, batch_norm, conv, depthwise_conv, linear,
+from gfi_jax.models.layers import (adaptive_avg_pool, batch_norm, conv, linear,
                                    relu6)
 
 EPS = 1e-3
@@ -38,7 +38,8 @@ class MBConv(nnx.Module):
         bn = dict(eps=EPS, **kw)
         self.expand_conv = conv(cin, mid, 1, pad="SAME", bias=False, **kw) if expand != 1 else None
         self.bn0 = batch_norm(mid, **bn) if expand != 1 else None
-        self.depthwise_conv = depthwise_conv(mid, k, stride=stride, pad="SAME", bias=False, **kw)
+        self.depthwise_conv = conv(mid, mid, k, stride=stride, pad="SAME", groups=mid,
+                                   bias=False, **kw)
         self.bn1 = batch_norm(mid, **bn)
         self.project_conv = conv(mid, cout, 1, pad="SAME", bias=False, **kw)
         self.bn2 = batch_norm(cout, **bn)

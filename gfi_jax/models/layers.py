@@ -131,31 +131,47 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None,
                          out_sharding=None, **kwargs):
-    """`lax.conv_general_dilated`; on CPU, a plain NHWC conv gets a hand-written input gradient.
+    """`lax.conv_general_dilated`, with CPU-only rules for the two kinds of conv the ports use
+    (every `conv` and `depthwise_conv` passes it to `nnx.Conv`). Same parameters, same maths.
 
-    Why: inside a loop body (GFI's `lax.scan` over Adam steps) XLA:CPU leaves the transposed
-    kernel of autodiff's input-gradient conv as a dimension relabeling, and that conv runs
-    outside the fast convolution library, 3× slower than the same gradient outside a loop
-    (measured on this project's 2-core CPU, jax 0.10.2: a 56×56×256 3×3 layer through ReLU,
-    input gradient, 43 ms alone, 143 ms per step in a scan, 42 ms with this rule). Here the
-    flipped, transposed kernel is materialized (an `optimization_barrier` keeps XLA from
-    folding it back), so the input gradient is an ordinary HWIO conv. Same numbers, bit for
-    bit. Accelerators, grouped and dilated convs take the plain path.
+    Dense NHWC convs get a hand-written input gradient. Inside a loop body (GFI's `lax.scan`
+    over Adam steps) XLA:CPU leaves the transposed kernel of autodiff's input-gradient conv as
+    a dimension relabeling, and that conv runs outside the fast convolution library, 3× slower
+    than the same gradient outside a loop (this project's 2-core CPU, jax 0.10.2: a 56×56×256
+    3×3 layer through ReLU, input gradient, 43 ms alone, 143 ms per step in a scan, 42 ms with
+    this rule). Here the flipped, transposed kernel is materialized (an `optimization_barrier`
+    keeps XLA from folding it back), so the input gradient is an ordinary HWIO conv; bit for
+    bit autodiff's numbers.
+
+    Depthwise convs (groups = channels) run as k² shifted multiply-adds with a hand-written
+    backward: XLA:CPU lowers grouped convolutions to a slow generic loop (a 112×112×96 3×3
+    stride-2 layer through ReLU6, input gradient, 72 ms → 2.2 ms; GFI on Lite0 at 224²,
+    reference preset, 8 images, 24.3 → 7.7 s per image). `grouped_depthwise()` turns this off.
+
+    Accelerators, dilated and other grouped convs take `lax` unchanged.
     """
-    dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-    plain = (jax.default_backend() != "cpu" or feature_group_count != 1 or kwargs
-             or out_sharding is not None
-             or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-             or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != dims)
-    if plain:
+    def plain():
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                         rhs_dilation, dimension_numbers, feature_group_count,
                                         precision=precision, out_sharding=out_sharding,
                                         **kwargs)
+
+    if (jax.default_backend() != "cpu" or kwargs or out_sharding is not None
+            or any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+            or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+        return plain()
+    s = tuple(window_strides)
     if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], s, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _conv(lhs, rhs, tuple(window_strides), pads, precision)
+    if feature_group_count == 1:
+        return _conv(lhs, rhs, s, pads, precision)
+    if feature_group_count == lhs.shape[-1] == rhs.shape[-1] and _shifted_depthwise:
+        xp = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
+        out_hw = tuple((xp.shape[d + 1] - rhs.shape[d]) // s[d] + 1 for d in (0, 1))
+        return _depthwise(xp, rhs, s, out_hw)
+    return plain()
 
 
 def _conv_plain(x, w, s, pads, precision):
@@ -194,49 +210,14 @@ _shifted_depthwise = True      # read at trace time; see `grouped_depthwise`
 
 @contextlib.contextmanager
 def grouped_depthwise():
-    """Within: `DepthwiseConv` traces as the grouped convolution on every backend, so that a
-    jaxpr shows it as a convolution (how `gfi.flops` counts FLOPs)."""
+    """Within: depthwise convs trace as the grouped convolution on every backend, so that a
+    jaxpr shows them as convolutions (how `gfi.flops` counts FLOPs)."""
     global _shifted_depthwise
     saved, _shifted_depthwise = _shifted_depthwise, False
     try:
         yield
     finally:
         _shifted_depthwise = saved
-
-
-class DepthwiseConv(nnx.Conv):
-    """A k×k depthwise conv (`feature_group_count` = channels) with the parameters of
-    `nnx.Conv`, computed on CPU as k² shifted multiply-adds with a hand-written backward.
-
-    XLA:CPU lowers grouped convolutions to a slow generic loop. Measured on this project's
-    2-core CPU (jax 0.10.2): a 112×112×96 3×3 stride-2 layer through ReLU6, input gradient,
-    72 ms → 2.2 ms; GFI on Lite0 at 224² (reference preset, 8 images) 24.3 → 7.7 s per image.
-    Accelerators keep the convolution, which their libraries implement well.
-    """
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if jax.default_backend() != "cpu" or not _shifted_depthwise:
-            return super().__call__(x)
-        kernel = self.kernel[...].astype(self.dtype)          # (k, k, 1, C)
-        xp, out_hw = _pad_same(x.astype(self.dtype), kernel.shape[:2], self.strides,
-                               self.padding)
-        y = _depthwise(xp, kernel, tuple(self.strides), out_hw)
-        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
-
-
-def _pad_same(x: jax.Array, k: tuple[int, int], s: tuple[int, int], padding):
-    """x padded as `lax.conv_general_dilated` pads it ('SAME' or explicit pairs), and the
-    output size."""
-    H, W = x.shape[1:3]
-    if padding == "SAME":
-        pads = []
-        for n, kk, ss in ((H, k[0], s[0]), (W, k[1], s[1])):
-            total = max((-(-n // ss) - 1) * ss + kk - n, 0)
-            pads.append((total // 2, total - total // 2))
-    else:
-        pads = list(padding)
-    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-    return xp, ((xp.shape[1] - k[0]) // s[0] + 1, (xp.shape[2] - k[1]) // s[1] + 1)
 
 
 def _taps(xp: jax.Array, kernel: jax.Array, s: tuple[int, int], out_hw: tuple[int, int]):
@@ -278,14 +259,6 @@ def _depthwise_bwd(s, out_hw, res, g):
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-def depthwise_conv(c: int, k: int, *, stride: int = 1, pad: int | str = 0, bias: bool = True,
-                   dtype=jnp.float32, rngs: nnx.Rngs) -> DepthwiseConv:
-    padding = pad if isinstance(pad, str) else ((pad, pad), (pad, pad))
-    return DepthwiseConv(c, c, (k, k), strides=(stride, stride), padding=padding,
-                         feature_group_count=c, use_bias=bias, dtype=dtype,
-                         param_dtype=jnp.float32, rngs=rngs)
 
 
 def batch_norm(c: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.BatchNorm:
