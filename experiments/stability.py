@@ -64,6 +64,10 @@ def main() -> int:
             "bfloat16 vs float32": gfi_jax.explain(bf16, x, preset=cfg).mask,
             f"input noise σ={args.noise:g}": gfi_jax.explain(model, noisy, preset=cfg).mask,
         }
+        if jax.default_backend() == "gpu":  # float32 convs run in TF32 there unless told not to
+            with jax.default_matmul_precision("highest"):
+                variants["float32 (TF32 default) vs full float32"] = gfi_jax.explain(
+                    model, x, preset=cfg, sequential=True).mask
         for test, masks in variants.items():
             r = [pearson(a, b) for a, b in zip(alone, masks)]
             rows.append((name, test, r))
