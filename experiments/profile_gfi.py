@@ -31,11 +31,12 @@ from gfi_jax import gfi as G
 from gfi_jax.models import LoadedModel, get_arch, imagenet_classes
 from gfi_jax.weights import enable_compilation_cache
 
-CLASSES = (  # first match wins; lower-case substrings of kernel names
-    ("convolution", ("conv", "xmma", "implicit", "fprop", "dgrad", "wgrad", "cudnn", "ynn")),
-    ("matmul", ("gemm", "cublas", "cutlass", "dot", "matmul")),
+CLASSES = (  # first match wins; lower-case substrings of kernel names ("conv" alone would
+    # also match XLA's "convert" fusions)
+    ("convolution", ("xmma", "cudnn", "implicit_gemm", "conv_general", "convolution", "ynn")),
     ("copy / transpose", ("copy", "transpose", "memcpy", "memset")),
-    ("XLA fusion", ("fusion", "loop_", "input_", "triton", "reduce", "select")),
+    ("matmul", ("gemm", "cublas", "cutlass", "dot", "matmul")),
+    ("XLA fusion", ("fusion", "loop_", "input_", "wrapped_", "triton", "reduce", "select")),
 )
 
 
@@ -139,7 +140,7 @@ def main() -> int:
     print("| kernel class | s | % of summed |\n|---|---:|---:|")
     for c, s in by_class.most_common():
         print(f"| {c} | {s:.4f} | {s / total:.1%} |")
-    print(f"\n| top kernels | class | calls | s | % of summed |\n|---|---|---:|---:|---:|")
+    print("\n| top kernels | class | calls | s | % of summed |\n|---|---|---:|---:|---:|")
     for n, s in by_name.most_common(args.top):
         short = n if len(n) <= 90 else n[:87] + "..."
         print(f"| `{short}` | {kernel_class(n)} | {count[n]} | {s:.4f} | {s / total:.1%} |")
