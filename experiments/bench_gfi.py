@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the oracle lives with the tests
 
 import gfi_jax  # noqa: E402
 from gfi_jax import gfi as G  # noqa: E402
-from gfi_jax.models import LoadedModel, get_arch, imagenet_classes  # noqa: E402
+from gfi_jax.models import LoadedModel, get_arch, imagenet_classes, layers  # noqa: E402
 from gfi_jax.weights import enable_compilation_cache, state_from_flat  # noqa: E402
 
 GPU_BATCH = {"vgg19": 64, "vgg16": 64, "resnet18": 256, "resnet50": 64, "alexnet": 512,
@@ -194,6 +194,9 @@ def main() -> int:
     ap.add_argument("--no-oracle", action="store_true")
     ap.add_argument("--max-time", type=float, default=10.0, help="timing budget per config (s)")
     ap.add_argument("--no-cache", action="store_true", help="no persistent compilation cache")
+    ap.add_argument("--masked-pool", action="store_true",
+                    help="max pools take the masked backward on this backend too "
+                         "(`layers.MASKED_POOL_BACKENDS`; the CPU default)")
     ap.add_argument("--out", default=str(ROOT / f"experiments/results/bench_gfi_{backend}.md"))
     args = ap.parse_args()
     per_model = {}
@@ -204,6 +207,8 @@ def main() -> int:
         per_model[name] = [int(b) for b in sizes.split(",")]
     if not args.no_cache:
         enable_compilation_cache()
+    if args.masked_pool:
+        layers.MASKED_POOL_BACKENDS.add(backend)
     started = datetime.datetime.now(datetime.timezone.utc)
     sequential = {"auto": not gpu, "yes": True, "no": False}[args.sequential]
     peaks = {d: matmul_peak(d, 8192 if gpu else 1024) for d in args.dtypes.split(",")}
@@ -230,7 +235,8 @@ def main() -> int:
             + (f", torch {torch.__version__} ({tdev})" if torch else ", torch not installed"),
             f"- schedule: preset `{args.preset}`, {cfg.stage1_steps} + {cfg.stage2_steps} Adam steps, "
             f"input {args.size}×{args.size}, one target per image (top-1); JAX mode: "
-            f"{'sequential (images one after another inside the program)' if sequential else 'batched'}",
+            f"{'sequential (images one after another inside the program)' if sequential else 'batched'}"
+            f"; max-pool backward: {'masked' if backend in layers.MASKED_POOL_BACKENDS else 'select-and-scatter'}",
             f"- matmul peak measured in this run: {peak_txt}", "",
             "## gfi_jax", "",
             "img/s = batch / median wall time of one compiled call (both stages, all steps, "

@@ -74,9 +74,15 @@ def max_pool(x: jax.Array, k: int, s: int, pad: int = 0) -> jax.Array:
     60× slower than the forward (224×224×64, 2×2: 0.67 ms forward, 41 ms gradient on this
     project's 2-core CPU); k² masked, strided copies of the cotangent do the same job.
     """
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() not in MASKED_POOL_BACKENDS:
         return _max_pool_plain(x, k, s, pad)
     return _max_pool(x, k, s, pad)
+
+
+# Backends whose max pools take the masked backward (read at trace time). On GPU, XLA's
+# select-and-scatter costs 8-10% of a GFI call (H200 traces, experiments/results/
+# bench_gfi_gpu.md); `bench_gfi.py --masked-pool` adds the backend to measure the rule there.
+MASKED_POOL_BACKENDS = {"cpu"}
 
 
 def _max_pool_plain(x, k, s, pad):
