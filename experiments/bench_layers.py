@@ -46,9 +46,10 @@ def space_to_depth(x: jax.Array) -> jax.Array:
 def stem_kernel_s2d(w: jax.Array) -> jax.Array:
     """(7, 7, C, O) -> (4, 4, 4C, O): tap a = 2q + r of the stride-2 kernel is tap q of the
     stride-1 kernel on channel block r (tap 7 is zero)."""
-    k, _, C, O = w.shape
+    k, _, C, n_out = w.shape
     w8 = jnp.pad(w, ((0, 8 - k), (0, 8 - k), (0, 0), (0, 0)))
-    return w8.reshape(4, 2, 4, 2, C, O).transpose(0, 2, 1, 3, 4, 5).reshape(4, 4, 4 * C, O)
+    return w8.reshape(4, 2, 4, 2, C, n_out).transpose(0, 2, 1, 3, 4, 5).reshape(
+        4, 4, 4 * C, n_out)
 
 
 def stem_s2d(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -122,8 +123,9 @@ def main() -> int:
             if ref is None:
                 ref, diff = (y, dx), "-"
             else:
-                diff = ", ".join(f"{float(jnp.abs(u.astype(jnp.float32) - v.astype(jnp.float32)).max()):.3g}"
-                                 for u, v in zip((y, dx), ref))
+                diff = ", ".join(
+                    f"{float(jnp.abs(u.astype(jnp.float32) - v.astype(jnp.float32)).max()):.3g}"
+                    for u, v in zip((y, dx), ref))
             print(f"| {name} | {vname} | {ms:.3f} | {diff} |", flush=True)
     return 0
 
