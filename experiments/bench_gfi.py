@@ -12,6 +12,7 @@ comparison: gfi_jax never computes parameter gradients).
     python experiments/bench_gfi.py                                    # defaults for the backend
     python experiments/bench_gfi.py --models resnet18 --batch-sizes 1,8 --size 112
     python experiments/bench_gfi.py --no-oracle --dtypes bfloat16      # e.g. a device without torch
+    python experiments/bench_gfi.py --models vgg19,resnet18 --batch vgg19=1,64 --batch resnet18=512
 
 Defaults: accelerators: vgg19, resnet18, alexnet, efficientnet_lite0 at 224×224, float32 and
 bfloat16, a per-model large batch; CPU: resnet18 and vgg19 at 224×224, float32, batch 1.

@@ -70,9 +70,10 @@ def adaptive_avg_pool(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
 def max_pool(x: jax.Array, k: int, s: int, pad: int = 0) -> jax.Array:
     """`torch.nn.MaxPool2d(k, s, pad)` (floor mode): padding never wins the max.
 
-    On CPU with a hand-written backward: XLA:CPU's select-and-scatter (autodiff's rule) is
-    60× slower than the forward (224×224×64, 2×2: 0.67 ms forward, 41 ms gradient on this
-    project's 2-core CPU); k² masked, strided copies of the cotangent do the same job.
+    On CPU (the backends in `MASKED_POOL_BACKENDS`) with a hand-written backward: XLA:CPU's
+    select-and-scatter (autodiff's rule) is 60× slower than the forward (224×224×64, 2×2:
+    0.67 ms forward, 41 ms gradient on this project's 2-core CPU); k² masked, strided copies
+    of the cotangent do the same job.
     """
     if jax.default_backend() not in MASKED_POOL_BACKENDS:
         return _max_pool_plain(x, k, s, pad)
@@ -147,7 +148,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     3×3 layer through ReLU, input gradient, 43 ms alone, 143 ms per step in a scan, 42 ms with
     this rule). Here the flipped, transposed kernel is materialized (an `optimization_barrier`
     keeps XLA from folding it back), so the input gradient is an ordinary HWIO conv; bit for
-    bit autodiff's numbers.
+    bit autodiff's numbers. A conv whose input is smaller than its kernel is padded first
+    (see `_conv_plain`).
 
     Depthwise convs (groups = channels) run as k² shifted multiply-adds with a hand-written
     backward: XLA:CPU lowers grouped convolutions to a slow generic loop (a 112×112×96 3×3
