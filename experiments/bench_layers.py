@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bench_gfi import time_calls
 from gfi_jax.models import layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -77,16 +77,6 @@ def fwd_bwd(f, x, *rest):
     return jax.jit(run), (x, g, *rest)
 
 
-def time_ms(fn, args, max_time: float) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    while len(times) < 3 or (sum(times) < max_time and len(times) < 50):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
-
-
 def main() -> int:
     gpu = jax.default_backend() != "cpu"
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -118,8 +108,8 @@ def main() -> int:
         ref = None
         for vname, f in variants.items():
             fn, a = fwd_bwd(f, x, *rest)
-            y, dx = fn(*a)
-            ms = time_ms(fn, a, args.max_time)
+            y, dx = fn(*a)  # also the warm-up (compile)
+            ms = time_calls(lambda: jax.block_until_ready(fn(*a)), args.max_time, 3)[0] * 1e3
             if ref is None:
                 ref, diff = (y, dx), "-"
             else:

@@ -139,7 +139,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, precision=None,
                          out_sharding=None, **kwargs):
     """`lax.conv_general_dilated`, with CPU-only rules for the two kinds of conv the ports use
-    (every `conv` and `depthwise_conv` passes it to `nnx.Conv`). Same parameters, same maths.
+    (`conv` passes it to every `nnx.Conv`). Same parameters, same maths.
 
     Dense NHWC convs get a hand-written input gradient. Inside a loop body (GFI's `lax.scan`
     over Adam steps) XLA:CPU leaves the transposed kernel of autodiff's input-gradient conv as
