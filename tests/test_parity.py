@@ -136,7 +136,15 @@ def _lite0_forward(model, x: torch.Tensor) -> dict[str, np.ndarray]:
     h = model._swish(model._bn0(model._conv_stem(x)))
     out["stem"] = _to_nhwc(h)
     for i, block in enumerate(model._blocks):
+        # Each block's own ReLU6 module fires after its expansion (if any), then after its
+        # depthwise conv: those outputs are our `.expand` and `.depthwise` taps.
+        acts = []
+        handle = block._swish.register_forward_hook(lambda _m, _i, o: acts.append(o))
         h = block(h, drop_connect_rate=None)
+        handle.remove()
+        taps = (".expand", ".depthwise") if block._block_args.expand_ratio != 1 else (".depthwise",)
+        assert len(acts) == len(taps), (i, len(acts))
+        out.update({f"blocks.{i}{t}": _to_nhwc(a) for t, a in zip(taps, acts)})
         out[f"blocks.{i}"] = _to_nhwc(h)
     h = model._swish(model._bn1(model._conv_head(h)))
     out["head"] = _to_nhwc(h)

@@ -5,7 +5,9 @@ head widths not scaled. Convolutions use TensorFlow's "SAME" padding (asymmetric
 which flax's `padding="SAME"` computes for any input size; BatchNorm eps is 1e-3.
 
 Layer names: `stem`, `blocks.0` … `blocks.15` (block outputs), `head` (the 1×1 conv to 1280
-channels, post-ReLU6), `avgpool`, `logits`.
+channels, post-ReLU6), `avgpool`, `logits`; inside block i (i ≥ 1), `blocks.i.expand` and
+`blocks.i.depthwise`: the post-ReLU6 activations of its expansion and depthwise convs
+(non-negative, wide: candidate mask bases l1 finer than `head`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
           (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
           (1, 3, 1, 6, 192, 320))
 NUM_BLOCKS = sum(s[0] for s in STAGES)
-LAYERS = ("stem", *(f"blocks.{i}" for i in range(NUM_BLOCKS)), "head", "avgpool", "logits")
+LAYERS = ("stem", "blocks.0.depthwise", "blocks.0",
+          *(f"blocks.{i}{t}" for i in range(1, NUM_BLOCKS) for t in (".expand", ".depthwise", "")),
+          "head", "avgpool", "logits")
 ALIASES = {**{f"_blocks.{i}": f"blocks.{i}" for i in range(NUM_BLOCKS)},
            "_avg_pooling": "avgpool", "_fc": "logits"}
 
@@ -45,11 +49,16 @@ class MBConv(nnx.Module):
         self.bn2 = batch_norm(cout, **bn)
         self.skip = stride == 1 and cin == cout
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = x if self.expand_conv is None else relu6(self.bn0(self.expand_conv(x)))
+    def taps(self, x: jax.Array) -> Iterator[tuple[str, jax.Array]]:
+        """Yields (".expand", ·), (".depthwise", ·) and ("", block output)."""
+        h = x
+        if self.expand_conv is not None:
+            h = relu6(self.bn0(self.expand_conv(x)))
+            yield ".expand", h
         h = relu6(self.bn1(self.depthwise_conv(h)))
+        yield ".depthwise", h
         h = self.bn2(self.project_conv(h))
-        return h + x if self.skip else h
+        yield "", h + x if self.skip else h
 
 
 class EfficientNetLite0(nnx.Module):
@@ -73,8 +82,8 @@ class EfficientNetLite0(nnx.Module):
         x = relu6(self.bn0(self.conv_stem(x.astype(self.dtype))))
         yield "stem", x
         for i, block in enumerate(self.blocks):
-            x = block(x)
-            yield f"blocks.{i}", x
+            for tap, x in block.taps(x):
+                yield f"blocks.{i}{tap}", x
         x = relu6(self.bn1(self.conv_head(x)))
         yield "head", x
         x = adaptive_avg_pool(x, (1, 1))
