@@ -32,7 +32,10 @@ class Config:
     """Every hyper-parameter of GFI. `preset(name, **overrides)` gives the named ones."""
     name: str = "reference"
     l0: str | None = None                  # inversion layer (None: the architecture's default)
-    l1: str | None = None                  # mask-basis layer, the channels that ω weighs
+    l1: str | None = None                  # mask-basis layer(s), the channels that ω weighs;
+                                           # "a+b": both layers' channels (see `basis`)
+    combine: Literal["sum", "product"] = "sum"   # several l1 layers: one map Σωf over all
+                                           # channels, or the product of each layer's map
     same_layer: bool = True                # l1 unset: use l0 (released code) or the arch's l1
     stage1_steps: int = 11
     stage2_steps: int = 69
@@ -52,6 +55,8 @@ class Config:
     stage2_penalty: Literal["l1", "l2sq"] = "l2sq"
     score: Literal["softmax", "sigmoid"] = "softmax"
     log_keep: bool = False                 # stage 2 keeps log f_c(Φ) instead of f_c(Φ) (see loss2)
+    log_suppress: bool = False             # stage 2 suppresses log f_c(Φ_bg) instead of f_c(Φ_bg)
+    area: float = 0.0                      # weight of the stage-2 mask area mean(m) (see loss2)
     normalize: Literal["minmax", "max"] = "max"   # (m−min)/(max−min) or (m−min)/max
     upsample_first: bool = True            # normalize after (True) or before upsampling
     align_corners: bool = True             # bilinear upsampling grid
@@ -75,13 +80,21 @@ PRESETS = {
     # objects in the image), the log's does not. Chosen on the offline benchmark
     # (experiments/results/offline_tuning.md); the default for EfficientNet-Lite0.
     "contrastive": Config(name="contrastive", log_keep=True),
+    # EfficientNet-Lite0's default: `contrastive` with the mask the product of two maps, one
+    # over the class-specific 7×7 `head` channels and one over the 14×14 `blocks.11.expand`
+    # channels (the widest non-negative layer at that grid). The offline benchmark found the
+    # 7×7 head alone too coarse for deletion and the 14×14 layer alone not class-specific
+    # enough for the grid game; their sum was between the two, their product better than
+    # either on both (experiments/results/offline_tuning.md).
+    "contrastive_lite0": Config(name="contrastive_lite0", log_keep=True,
+                                l1="head+blocks.11.expand", combine="product"),
 }
 
 
 # The preset `explain` uses when none is given, per architecture: the winner of the offline
 # benchmark where one was tuned (only EfficientNet-Lite0 has real weights here), else the
 # released code's behaviour.
-DEFAULT_PRESETS = {"efficientnet_lite0": "contrastive"}
+DEFAULT_PRESETS = {"efficientnet_lite0": "contrastive_lite0"}
 
 
 def default_preset(arch: str) -> str:
@@ -188,18 +201,64 @@ def normalize(m: jax.Array, how: str) -> jax.Array:
     return (m - lo) / jnp.where(den > 0, den, 1.0)
 
 
-def mask(omega: jax.Array, f_l1: jax.Array, hw: tuple[int, int], cfg: Config) -> jax.Array:
+def _weighted_sums(omega: jax.Array, f_l1: jax.Array, cfg: Config,
+                   splits: tuple[int, ...]) -> list[jax.Array]:
+    """Σᵢ ωᵢ fᵢ `(N, h, w)`: one map, or with `combine="product"` one per l1 layer (`splits`:
+    each layer's channel count in f^{l1})."""
+    hi = jax.lax.Precision.HIGHEST
+    if cfg.combine == "sum" or len(splits) < 2:
+        return [jnp.einsum("nhwc,nc->nhw", f_l1, omega, precision=hi)]
+    if cfg.combine != "product":
+        raise ValueError(f"combine {cfg.combine!r} must be 'sum' or 'product'")
+    ends = np.cumsum(splits)
+    return [jnp.einsum("nhwc,nc->nhw", f_l1[..., e - k:e], omega[:, e - k:e], precision=hi)
+            for k, e in zip(splits, ends)]
+
+
+def _product(maps: list[jax.Array], how: str) -> jax.Array:
+    # Each layer's map normalized alone, so neither layer's scale decides; the product keeps
+    # only what every layer marks (a high layer's class evidence at a finer layer's detail).
+    if len(maps) == 1:
+        return normalize(maps[0], how)
+    m = normalize(maps[0], how)
+    for other in maps[1:]:
+        m = m * normalize(other, how)
+    return normalize(m, how)
+
+
+def mask(omega: jax.Array, f_l1: jax.Array, hw: tuple[int, int], cfg: Config,
+         splits: tuple[int, ...] = ()) -> jax.Array:
     """ω `(N, C)`, f^{l1} `(N, h, w, C)` -> m `(N, H, W)` in [0, 1]."""
-    m = jnp.einsum("nhwc,nc->nhw", f_l1, omega, precision=jax.lax.Precision.HIGHEST)
+    maps = _weighted_sums(omega, f_l1, cfg, splits)
     if cfg.upsample_first:
-        return normalize(upsample(m, hw, cfg.align_corners), cfg.normalize)
-    return upsample(normalize(m, cfg.normalize), hw, cfg.align_corners)
+        return _product([upsample(m, hw, cfg.align_corners) for m in maps], cfg.normalize)
+    return upsample(_product(maps, cfg.normalize), hw, cfg.align_corners)
 
 
-def mask_l1(omega: jax.Array, f_l1: jax.Array, cfg: Config) -> jax.Array:
+def basis(acts: Sequence[jax.Array], align_corners: bool) -> jax.Array:
+    """The mask basis f^{l1} `(N, h, w, C)` from one or more layers' activations: each map
+    bilinearly resized to the finest of their grids, channels concatenated.
+
+    Why several: a high layer's channels are class-specific but coarse (7×7 in
+    EfficientNet-Lite0 at 224²), a middle layer's are finer but shared by every object in
+    the scene; with both, stage 2 can weigh the one against the other."""
+    h = max(a.shape[1] for a in acts)
+    w = max(a.shape[2] for a in acts)
+    out = []
+    for a in acts:
+        if a.shape[1:3] != (h, w):
+            dt = jnp.dtype(a.dtype).name
+            uh = jnp.asarray(interp_matrix(a.shape[1], h, align_corners, dt))
+            uw = jnp.asarray(interp_matrix(a.shape[2], w, align_corners, dt))
+            a = jnp.einsum("Hh,nhwc,Ww->nHWc", uh, a, uw, precision=jax.lax.Precision.HIGHEST)
+        out.append(a)
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=-1)
+
+
+def mask_l1(omega: jax.Array, f_l1: jax.Array, cfg: Config,
+            splits: tuple[int, ...] = ()) -> jax.Array:
     """The normalized mask at l1 resolution `(N, h, w)`."""
-    m = jnp.einsum("nhwc,nc->nhw", f_l1, omega, precision=jax.lax.Precision.HIGHEST)
-    return normalize(m, cfg.normalize)
+    return _product(_weighted_sums(omega, f_l1, cfg, splits), cfg.normalize)
 
 
 @jax.custom_vjp
@@ -333,15 +392,16 @@ def gfi(features: Features, params: Any, images: jax.Array, targets: jax.Array,
 
 def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.Array,
                p: jax.Array | None, cfg: Config, unroll: bool = False) -> dict[str, jax.Array]:
-    l0, l1 = cfg.l0, cfg.l1
+    l0, l1 = cfg.l0, tuple(cfg.l1.split("+"))
     B, H, W, _ = images.shape
     K = targets.shape[1]
     acc = accumulation_dtype(images.dtype)
     images = images.astype(acc)
     p = background(images, cfg) if p is None else p.astype(acc)
-    clean = features(params, images, (l0, l1, "logits"))
+    clean = features(params, images, tuple(dict.fromkeys((l0, *l1, "logits"))))
     f0 = jax.lax.stop_gradient(clean[l0]).astype(acc)
-    f1 = jax.lax.stop_gradient(clean[l1]).astype(acc)
+    f1 = jax.lax.stop_gradient(basis([clean[n].astype(acc) for n in l1], cfg.align_corners))
+    splits = tuple(clean[n].shape[-1] for n in l1)
     targets = resolve_targets(clean["logits"], targets)
     s1, s2 = schedules(cfg)
     opt1 = optimizer(cfg, s1)
@@ -349,7 +409,7 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
     f0_norm = _sumsq(f0)
 
     def loss1(omega):
-        phi = blend(images, p, mask(omega, f1, (H, W), cfg))
+        phi = blend(images, p, mask(omega, f1, (H, W), cfg, splits))
         err = _sumsq(features(params, phi, (l0,))[l0].astype(acc) - f0)
         if cfg.inversion_error == "relative":
             err = err / jnp.where(f0_norm > 0, f0_norm, 1.0)
@@ -377,22 +437,27 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
     state = opt2.init(omega) if cfg.restart_stage2 else jax.tree.map(rep, state)
 
     def logits2(omega):
-        m = mask(omega, f1n, (H, W), cfg)
+        m = mask(omega, f1n, (H, W), cfg, splits)
         both = jnp.concatenate([blend(x, pn, m), blend(x, pn, 1.0 - m)])  # Φ and Φ_bg
         z = features(params, both, ("logits",))["logits"]
-        return z[:B * K], z[B * K:]
+        return z[:B * K], z[B * K:], m
 
     def scores(omega):
-        z_fg, z_bg = logits2(omega)
+        z_fg, z_bg, _ = logits2(omega)
         return class_score(z_fg, c, cfg.score), class_score(z_bg, c, cfg.score)
 
     def loss2(omega):
-        # log_keep: −log f_c(Φ) keeps a gradient when c has a small probability in Φ (other
-        # objects in the scene take the softmax mass), where −f_c(Φ)'s vanishes with f_c.
-        z_fg, z_bg = logits2(omega)
+        # log_keep / log_suppress: the log of a probability keeps a gradient when c holds
+        # little of the softmax (other objects in the scene take the mass), where the
+        # probability's own gradient vanishes with it.
+        # area: the normalized mask is invariant to the scale of ω, so the penalty on ω cannot
+        # make the mask small; mean(m) can (as in Fong & Vedaldi's mask area term).
+        z_fg, z_bg, m = logits2(omega)
         keep = class_score(z_fg, c, cfg.score, log=cfg.log_keep)
-        per = (-keep + cfg.lam * class_score(z_bg, c, cfg.score)
-               + cfg.delta * penalty(omega, cfg.stage2_penalty))
+        drop = class_score(z_bg, c, cfg.score, log=cfg.log_suppress)
+        per = -keep + cfg.lam * drop + cfg.delta * penalty(omega, cfg.stage2_penalty)
+        if cfg.area:
+            per = per + cfg.area * rowdot(m, jnp.ones_like(m)) / (H * W)
         return per.sum(), per
 
     (omega, _), (trace2, omegas2) = jax.lax.scan(step(loss2, opt2), (omega, state), None,
@@ -404,8 +469,8 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
             [rep(omegas1.transpose(1, 0, 2)), omegas2.transpose(1, 0, 2)], axis=1)
     return extra | {
         "omega": omega,
-        "mask": mask(omega, f1n, (H, W), cfg),
-        "mask_l1": mask_l1(omega, f1n, cfg),
+        "mask": mask(omega, f1n, (H, W), cfg, splits),
+        "mask_l1": mask_l1(omega, f1n, cfg, splits),
         "target": c,
         "score": class_score(rep(clean["logits"]), c, cfg.score),
         "score_masked": s_fg,
@@ -470,7 +535,8 @@ def resolve_layers(cfg: Config, arch) -> Config:
     """`cfg` with l0/l1 set to `arch`'s layer names: the config's own (aliases resolved), or
     the architecture's defaults (l1 = l0 when `same_layer`, as the released code does)."""
     l0 = arch.resolve(cfg.l0 or arch.l0)
-    l1 = arch.resolve(cfg.l1) if cfg.l1 else (l0 if cfg.same_layer else arch.l1)
+    l1 = ("+".join(arch.resolve(n) for n in cfg.l1.split("+")) if cfg.l1
+          else (l0 if cfg.same_layer else arch.l1))
     return dataclasses.replace(cfg, l0=l0, l1=l1)
 
 
@@ -516,13 +582,14 @@ def check_layers(model, cfg: Config, hw: tuple[int, int]) -> None:
     """Clear errors, before compiling, for l0/l1 choices that cannot work."""
     from gfi_jax.models import layer_shapes  # shapes by abstract evaluation: no FLOPs
     shapes = layer_shapes(model.arch.name, hw)
-    s1 = shapes[cfg.l1]
-    if len(s1) != 3:
-        raise ValueError(f"l1 must be a convolutional layer with a spatial map; {cfg.l1!r} "
-                         f"has shape {s1}. Conv layers of {model.arch.name}: "
-                         f"{', '.join(n for n, s in shapes.items() if len(s) == 3)}")
-    if s1[0] > hw[0] or s1[1] > hw[1]:
-        raise ValueError(f"l1 {cfg.l1!r} map {s1[:2]} is larger than the input {hw}")
+    for l1 in cfg.l1.split("+"):
+        s1 = shapes[l1]
+        if len(s1) != 3:
+            raise ValueError(f"l1 must be a convolutional layer with a spatial map; {l1!r} "
+                             f"has shape {s1}. Conv layers of {model.arch.name}: "
+                             f"{', '.join(n for n, s in shapes.items() if len(s) == 3)}")
+        if s1[0] > hw[0] or s1[1] > hw[1]:
+            raise ValueError(f"l1 {l1!r} map {s1[:2]} is larger than the input {hw}")
 
 
 # ----------------------------------------------------------------------------- cost

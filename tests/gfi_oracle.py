@@ -42,6 +42,15 @@ Choices where the texts are silent or ambiguous (the JAX engine must mirror them
       the same f_c is used in the highlight and the suppress terms.
   C13 log_keep (not in the paper; an option of this project): the highlight term is
       log f_c(Phi), whose gradient does not vanish when c has a small probability in Phi.
+      log_suppress, likewise: the suppress term is log f_c(Phi_bg).
+  C14 area (not in the paper; an option of this project): stage 2 adds area * mean(mask), the
+      mean over the input-resolution mask the blends use.
+  C15 Several l1 layers, "a+b" (an option of this project): each layer's f^{l1}(x) is resized
+      with F.interpolate (bilinear, the preset's align_corners) to the finest of their grids.
+      combine "sum": the channels are concatenated into one basis. combine "product": one map
+      per layer, sum over that layer's slice of omega (omega is the concatenation, in the
+      order the layers are named), each upsampled and normalized as a single-layer mask is
+      (C4, C5), the mask their normalized product.
   C12 'loss' is the per-image total loss (data terms + regularizer) evaluated at omega BEFORE the
       step's update; 'omega_trace' is omega after the update AND the projection.
 """
@@ -75,6 +84,9 @@ class OracleConfig:
     lam: float = 1.0             # lambda, weight of the suppress term f_c(Phi_bg)
     score: str = "softmax"       # or "sigmoid"
     log_keep: bool = False       # C13: the highlight term is log f_c(Phi) instead of f_c(Phi)
+    log_suppress: bool = False   # C13: the suppress term is log f_c(Phi_bg)
+    area: float = 0.0            # C14: weight of the stage-2 term mean(mask)
+    combine: str = "sum"         # C15: "sum" or "product" over several l1 layers
     lr_decay_every: int = 10
     lr_decay_factor: float = 0.5
     adam_betas: tuple = (0.9, 0.999)
@@ -83,6 +95,7 @@ class OracleConfig:
     def __post_init__(self):
         assert self.reg in ("l1", "l2sq") and self.mask_norm in ("minmax", "max")
         assert self.lr_schedule in ("stage2", "global") and self.score in ("softmax", "sigmoid")
+        assert self.combine in ("sum", "product")
         assert self.stage1_steps >= 0 and self.stage2_steps >= 0
         assert self.stage1_steps + self.stage2_steps > 0
 
@@ -132,12 +145,24 @@ def _upsample(m: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
                          align_corners=align_corners)[:, 0]
 
 
-def make_mask(omega: torch.Tensor, f1: torch.Tensor, size, cfg: OracleConfig) -> torch.Tensor:
-    """omega (B, C1), f1 (B, C1, h, w) -> mask (B, H, W) as the preset defines it (C4, C5)."""
-    m = torch.einsum("bc,bchw->bhw", omega, f1)         # Eq. 6: sum_i omega_i f_i^{l1}(x)
-    if cfg.upsample_first:
-        return _normalize(_upsample(m, size, cfg.align_corners), cfg.mask_norm)
-    return _upsample(_normalize(m, cfg.mask_norm), size, cfg.align_corners)
+def make_mask(omega: torch.Tensor, f1, size, cfg: OracleConfig) -> torch.Tensor:
+    """omega (B, C1), f1 (B, C1, h, w) -> mask (B, H, W) as the preset defines it (C4, C5).
+    f1 a list of (B, Ck, h, w), one per l1 layer: the product mask of C15."""
+    if isinstance(f1, torch.Tensor):
+        f1 = [f1]
+    mask, start = None, 0
+    for f in f1:
+        w = omega[:, start:start + f.shape[1]]
+        start += f.shape[1]
+        m = torch.einsum("bc,bchw->bhw", w, f)          # Eq. 6: sum_i omega_i f_i^{l1}(x)
+        if cfg.upsample_first:
+            m = _normalize(_upsample(m, size, cfg.align_corners), cfg.mask_norm)
+        else:
+            m = _normalize(m, cfg.mask_norm)
+        mask = m if mask is None else mask * m
+    if len(f1) > 1:
+        mask = _normalize(mask, cfg.mask_norm)
+    return mask if cfg.upsample_first else _upsample(mask, size, cfg.align_corners)
 
 
 def _reg(omega: torch.Tensor, cfg: OracleConfig) -> torch.Tensor:
@@ -164,7 +189,13 @@ def explain(features: Callable, x, p, target, l0: str, l1: str, cfg: OracleConfi
     with torch.no_grad():                                # C10: the clean image's features, once
         clean = features(x)
         f0_x = clean[l0].to(dtype)
-        f1_x = clean[l1].to(dtype)
+        parts = [clean[n].to(dtype) for n in l1.split("+")]                  # C15
+        hw1 = (max(f.shape[2] for f in parts), max(f.shape[3] for f in parts))
+        parts = [f if f.shape[2:] == hw1 else
+                 F.interpolate(f, size=hw1, mode="bilinear", align_corners=cfg.align_corners)
+                 for f in parts]
+        f1_x = torch.cat(parts, 1)                       # the basis omega weighs
+        f1_mask = parts if cfg.combine == "product" else f1_x
     ref_sq = (f0_x ** 2).flatten(1).sum(1)
     ref_sq = torch.where(ref_sq > 0, ref_sq, torch.ones_like(ref_sq))
 
@@ -184,7 +215,7 @@ def explain(features: Callable, x, p, target, l0: str, l1: str, cfg: OracleConfi
             opt = new_adam()                             # C8: paper's Alg. 2 starts a new Adam
         for group in opt.param_groups:
             group["lr"] = float(lrs[s])
-        mask = make_mask(omega, f1_x, (H, W), cfg)[:, None]        # (B, 1, H, W)
+        mask = make_mask(omega, f1_mask, (H, W), cfg)[:, None]      # (B, 1, H, W)
         phi = x * mask + p * (1 - mask)                             # Eq. 2
         if stage1:                                                  # Eq. 8 / reference
             diff = (features(phi)[l0].to(dtype) - f0_x) ** 2
@@ -195,8 +226,10 @@ def explain(features: Callable, x, p, target, l0: str, l1: str, cfg: OracleConfi
         else:                                                       # Eq. 9 / reference
             phi_bg = x * (1 - mask) + p * mask                      # Eq. 4 with m_bg = 1 - m
             hi = _score(features(phi)["logits"].to(dtype), target, cfg, log=cfg.log_keep)
-            lo = _score(features(phi_bg)["logits"].to(dtype), target, cfg)
+            lo = _score(features(phi_bg)["logits"].to(dtype), target, cfg, log=cfg.log_suppress)
             loss = -hi + cfg.lam * lo + cfg.delta * _reg(omega, cfg)
+            if cfg.area:                                            # C14
+                loss = loss + cfg.area * mask.flatten(1).mean(1)
         losses.append(loss.detach())
         opt.zero_grad()
         loss.sum().backward()                            # C1: sum of per-image losses
@@ -206,7 +239,7 @@ def explain(features: Callable, x, p, target, l0: str, l1: str, cfg: OracleConfi
         trace.append(omega.detach().clone())
 
     with torch.no_grad():
-        final_mask = make_mask(omega, f1_x, (H, W), cfg)
+        final_mask = make_mask(omega, f1_mask, (H, W), cfg)
         raw_l1 = torch.einsum("bc,bchw->bhw", omega, f1_x)
     np_ = lambda t: t.detach().cpu().numpy().copy()   # noqa: E731
     return {"omega": np_(omega), "mask": np_(final_mask), "mask_l1": np_(raw_l1),

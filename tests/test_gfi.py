@@ -91,22 +91,58 @@ def test_scores_match_the_model(resnet, images):
                                rtol=1e-4)
 
 
-@pytest.mark.parametrize("log_keep", [False, True])
-def test_stage2_loss_keep_term(resnet, images, log_keep):
-    # lr = 0: ω stays at its start, so the first stage-2 loss is made of the returned scores.
-    cfg = gfi_jax.preset(stage1_steps=1, stage2_steps=1, lr=0.0, log_keep=log_keep)
+@pytest.mark.parametrize("log_keep,log_suppress,area", [
+    (False, False, 0.0), (True, False, 0.0), (True, True, 0.0), (False, False, 3.0),
+    (True, True, 2.0)])
+def test_stage2_loss_terms(resnet, images, log_keep, log_suppress, area):
+    # lr = 0: ω stays at its start, so the first stage-2 loss is made of the returned scores
+    # and the returned mask.
+    cfg = gfi_jax.preset(stage1_steps=1, stage2_steps=1, lr=0.0, log_keep=log_keep,
+                         log_suppress=log_suppress, area=area)
     e = gfi_jax.explain(resnet, images[:2], targets=[1, 2], preset=cfg)
     keep = np.log(e.score_masked) if log_keep else e.score_masked
-    expect = -keep + cfg.lam * e.score_background + cfg.delta * (e.omega ** 2).sum(1)
+    drop = np.log(e.score_background) if log_suppress else e.score_background
+    expect = (-keep + cfg.lam * drop + cfg.delta * (e.omega ** 2).sum(1)
+              + area * e.mask.mean(axis=(1, 2)))
     np.testing.assert_allclose(e.loss_trace[:, 1], expect, rtol=1e-5)
 
 
+def test_area_term_shrinks_the_mask(resnet, images):
+    """The normalized mask does not change with the scale of ω, so only the area term can
+    make it smaller: with it, stage 2 ends with a smaller mean mask than without."""
+    base = gfi_jax.preset(stage1_steps=3, stage2_steps=20, lr=0.05)
+    a0 = gfi_jax.explain(resnet, images, preset=base).mask.mean(axis=(1, 2))
+    a1 = gfi_jax.explain(resnet, images, preset=dataclasses.replace(base, area=5.0))
+    assert (a1.mask.mean(axis=(1, 2)) < a0).all(), (a1.mask.mean(axis=(1, 2)), a0)
+
+
+def test_basis_from_two_layers(resnet, images):
+    """l1 = "a+b": ω weighs both layers' channels, the coarser map resized to the finer grid
+    (bilinear; with align_corners=False, jax.image.resize's grid)."""
+    acts = resnet(images, layers=("layer3", "layer4"))
+    f = G.basis([acts["layer3"], acts["layer4"]], align_corners=False)
+    assert f.shape == (4, 4, 4, 256 + 512)
+    np.testing.assert_array_equal(f[..., :256], acts["layer3"])
+    up = jax.image.resize(acts["layer4"], (4, 4, 4, 512), "bilinear", antialias=False)
+    np.testing.assert_allclose(f[..., 256:], up, rtol=1e-5, atol=1e-6)
+    cfg = gfi_jax.preset(l1="layer3+layer4", **SHORT)
+    e = gfi_jax.explain(resnet, images, preset=cfg)
+    assert e.config.l1 == "layer3+layer4"
+    assert e.omega.shape == (4, 768) and e.mask_l1.shape == (4, 4, 4)
+    assert np.isfinite(e.mask).all() and e.mask.min() >= 0 and e.mask.max() <= 1
+    with pytest.raises(ValueError, match="no layer 'layer9'"):
+        gfi_jax.explain(resnet, images, preset=gfi_jax.preset(l1="layer4+layer9", **SHORT))
+
+
 def test_default_preset_per_architecture(resnet, images):
-    assert gfi_jax.gfi.default_preset("efficientnet_lite0") == "contrastive"
+    assert gfi_jax.gfi.default_preset("efficientnet_lite0") == "contrastive_lite0"
     assert gfi_jax.gfi.default_preset("resnet18") == "reference"
     assert gfi_jax.preset("contrastive") == dataclasses.replace(
         gfi_jax.preset("reference"), name="contrastive", log_keep=True)
-    assert gfi_jax.preset(None, arch="efficientnet_lite0") == gfi_jax.preset("contrastive")
+    assert gfi_jax.preset("contrastive_lite0") == dataclasses.replace(
+        gfi_jax.preset("contrastive"), name="contrastive_lite0", l1="head+blocks.11.expand",
+        combine="product")
+    assert gfi_jax.preset(None, arch="efficientnet_lite0") == gfi_jax.preset("contrastive_lite0")
     assert gfi_jax.preset(None, arch="vgg19", gamma=1.0) == gfi_jax.preset("reference", gamma=1.0)
     assert gfi_jax.preset("paper", arch="efficientnet_lite0").name == "paper"  # a name wins
     e = gfi_jax.explain(resnet, images[:1])
@@ -254,3 +290,27 @@ def test_flops_no_waste_and_xla_agrees_with_the_analytic_count():
     assert early["forward_to_l0"] < 0.4 * full["forward_to_l0"]
     assert early["xla_stage1_step"] < 0.6 * full["xla_stage1_step"], (early, full)
     assert abs(early["xla_stage2_step"] / full["xla_stage2_step"] - 1) < 0.05
+
+
+def test_product_of_two_layer_masks(resnet, images):
+    """combine="product": each layer's map Σωf is upsampled and normalized alone, and the
+    mask is their normalized product (ω unchanged at lr 0, so it is ω_init everywhere)."""
+    cfg = gfi_jax.preset(l1="layer3+layer4", combine="product", stage1_steps=1,
+                         stage2_steps=1, lr=0.0)
+    e = gfi_jax.explain(resnet, images[:2], preset=cfg)
+    acts = resnet(images[:2], layers=("layer3", "layer4"))
+
+    def up_norm(a):  # (N, h, w, C) -> (N, 64, 64), the reference grid: align_corners=True
+        m = a.sum(-1).astype(np.float64) * cfg.omega_init
+        uh = G.interp_matrix(m.shape[1], 64, True, "float64")
+        uw = G.interp_matrix(m.shape[2], 64, True, "float64")
+        m = np.einsum("Hh,nhw,Ww->nHW", uh, m, uw)
+        m = m - m.min(axis=(1, 2), keepdims=True)
+        return m / m.max(axis=(1, 2), keepdims=True)
+
+    expect = up_norm(np.asarray(acts["layer3"])) * up_norm(np.asarray(acts["layer4"]))
+    expect = (expect - expect.min(axis=(1, 2), keepdims=True)) / expect.max(axis=(1, 2),
+                                                                            keepdims=True)
+    np.testing.assert_allclose(e.mask, expect, atol=1e-5)
+    summed = gfi_jax.explain(resnet, images[:2], preset=dataclasses.replace(cfg, combine="sum"))
+    assert not np.allclose(summed.mask, e.mask, atol=1e-3)
