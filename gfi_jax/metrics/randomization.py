@@ -127,5 +127,9 @@ def _leaf_name(path) -> str:
 
 def _with(m, params):
     from gfi_jax.models import LoadedModel
-    return LoadedModel(m.arch, params, classes=m.classes, preprocessing=m.preprocessing,
-                       dtype=m.dtype, metadata=m.metadata)
+    new = LoadedModel(m.arch, params, classes=m.classes, preprocessing=m.preprocessing,
+                      dtype=m.dtype, metadata=m.metadata)
+    # `features` is pure in its params: sharing m's keeps one compiled GFI program for every
+    # randomization level (the programs are cached per features function and config).
+    new.features = m.features
+    return new
