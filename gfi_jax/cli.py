@@ -313,7 +313,7 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="top1",
                    help="top1 (default), topK, a class index, or a class name")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="GFI hyper-parameters (default: the model's, contrastive for "
+                   help="GFI hyper-parameters (default: the model's, contrastive_lite0 for "
                         "efficientnet_lite0, reference for the others)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a GFI config field, e.g. --set stage2_steps=20 (repeatable)")
@@ -539,6 +539,10 @@ def _explain(args) -> int:
         raise CliError(f"--out {out}: the outputs would overwrite the input {clash[0]}; "
                        "choose another --out")
     m = _load(args.model, args.weights, args.dtype)
+    if args.preset is None and m.name != (args.model or DEFAULT_MODEL):
+        # --weights named another architecture: its default preset, not the default model's
+        # (presets may name layers: contrastive_lite0's exist only in EfficientNet-Lite0).
+        cfg = gfi_jax.preset(None, arch=m.name, **parse_overrides(args.set))
     k_targets = resolve_target(args.target, m.classes)
     _count_compile_time()
     pre = m.preprocessing
