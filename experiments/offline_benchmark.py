@@ -52,6 +52,7 @@ def method_specs(args) -> dict[str, tuple[str, dict]]:
         "GFI paper": ("gfi", {"preset": "paper"}),
         "GFI reference": ("gfi", {"preset": "reference"}),
         "GFI stage 1 only": ("gfi", {"preset": "reference", "stage2_steps": 0}),
+        "GFI contrastive_lite0": ("gfi", {"preset": "contrastive_lite0"}),
         "Grad": ("grad", {}),
         "Guided Backprop": ("guided_backprop", {}),
         "SmoothGrad": ("smoothgrad", {"samples": args.smoothgrad_samples}),
@@ -165,6 +166,26 @@ def saliency(model, name, spec, images, targets, batch: int, cache: Path, task: 
     return np.concatenate(out), (spent / computed if computed else float("nan"))
 
 
+def randomization(model, method, opts, x, targets, args, cache: Path) -> dict:
+    """`metrics.cascading_randomization`, cached under --cache like the maps."""
+    task = f"randomization-{len(x)}-{args.images}-{args.randomization_every}-{args.seed}"
+    key = hashlib.sha1(json.dumps([model.name, method, sorted(opts.items()), task],
+                                  default=str).encode()).hexdigest()[:16]
+    path = cache / key / "randomization.json"
+    if path.is_file():
+        out = json.loads(path.read_text())
+        return {"layers": out["layers"], "spearman": np.asarray(out["spearman"], float)}
+    out = metrics.cascading_randomization(model, x, method, targets, seed=args.seed,
+                                          every=args.randomization_every, **opts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"method": method, "options": opts, "task": task, "layers": out["layers"],
+                   "spearman": np.asarray(out["spearman"]).tolist()}, f, default=str)
+    os.replace(tmp, path)
+    return out
+
+
 def stability(model, x, targets, cfg, noise: float, seed: int) -> dict[str, list[float]]:
     """Mask Pearson of each image explained alone against three perturbed settings."""
     alone = np.concatenate([gfi_jax.explain(model, x[i:i + 1], targets[i:i + 1], preset=cfg,
@@ -205,7 +226,7 @@ def main(argv=None, model=None) -> dict:
                     help="explain after every k-th randomized unit (and the last)")
     ap.add_argument("--no-randomization", action="store_true")
     ap.add_argument("--stability-images", type=int, default=8)
-    ap.add_argument("--stability-presets", default="reference,paper",
+    ap.add_argument("--stability-presets", default="contrastive_lite0,reference,paper",
                     help="comma list of presets or GFI method names of the table")
     ap.add_argument("--no-stability", action="store_true")
     ap.add_argument("--figure-images", type=int, default=4)
@@ -255,12 +276,11 @@ def main(argv=None, model=None) -> dict:
         xr, tr = x[sel][:args.randomization_images], labels[sel][:args.randomization_images]
         for name, (method, opts) in specs.items():
             t0 = time.perf_counter()
-            out = metrics.cascading_randomization(model, xr, method, tr, seed=args.seed,
-                                                  every=args.randomization_every, **opts)
+            out = randomization(model, method, opts, xr, tr, args, cache)
             rho = np.nan_to_num(out["spearman"], nan=1.0)   # a constant map did not change
-            half = len(rho) // 2
+            half = (len(rho) - 1) // 2   # a level near half of the units
             rand[name] = (float(rho[0].mean()), float(rho[half].mean()), float(rho[-1].mean()),
-                          out["layers"][half])
+                          out["layers"][half], out["layers"][0])
             log(f"randomization {name}: {rand[name]} ({time.perf_counter() - t0:.0f} s)")
 
     stab = {}
@@ -319,8 +339,10 @@ def report(args, specs, results, rand, stab, names, sel, n_images, probs, labels
         f"- deletion/insertion: {len(sel)} correctly classified images, {args.steps} steps, "
         f"blurred substrate (σ 5 px), softmax of the true class; seed {args.seed}",
         *([f"- randomization: {args.randomization_images} of those images, units re-drawn from "
-           f"the top down (He-normal, seed {args.seed}); ρ after the top unit, about half, and "
-           f"all (Spearman of |maps|, mean over images)"] if rand else []),
+           f"the top down (He-normal, seed {args.seed}); ρ after the units down to "
+           f"`{next(iter(rand.values()))[4]}` (the top {args.randomization_every} units), down to "
+           f"`{next(iter(rand.values()))[3]}` (about half), and all (Spearman of |maps|, mean "
+           f"over images)"] if rand else []),
         "- settings: " + "; ".join(f"{k}: {m}({', '.join(f'{a}={b}' for a, b in o.items())})"
                                    for k, (m, o) in specs.items()),
         f"- run time: {seconds / 60:.1f} min (saliency maps cached under --cache; the s/img "
