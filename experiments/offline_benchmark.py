@@ -137,13 +137,18 @@ def deletion_tasks(labels, probs, n: int, seed: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- saliency
+def cache_folder(cache: Path, model, method: str, opts: dict, task: str) -> Path:
+    """One folder per (model, method, options, task) under --cache."""
+    key = hashlib.sha1(json.dumps([model.name, method, sorted(opts.items()), task],
+                                  default=str).encode()).hexdigest()[:16]
+    return cache / key
+
+
 def saliency(model, name, spec, images, targets, batch: int, cache: Path, task: str, log):
     """Maps `(N, H, W)` of one method, computed batch by batch and cached; returns the maps
     and the seconds per image spent computing (NaN when everything came from the cache)."""
     method, opts = spec
-    key = hashlib.sha1(json.dumps([model.name, method, sorted(opts.items()), task],
-                                  default=str).encode()).hexdigest()[:16]
-    folder = cache / key
+    folder = cache_folder(cache, model, method, opts, task)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spec.json").write_text(json.dumps({"name": name, "method": method, "options": opts,
                                                   "task": task}, default=str))
@@ -169,9 +174,7 @@ def saliency(model, name, spec, images, targets, batch: int, cache: Path, task: 
 def randomization(model, method, opts, x, targets, args, cache: Path) -> dict:
     """`metrics.cascading_randomization`, cached under --cache like the maps."""
     task = f"randomization-{len(x)}-{args.images}-{args.randomization_every}-{args.seed}"
-    key = hashlib.sha1(json.dumps([model.name, method, sorted(opts.items()), task],
-                                  default=str).encode()).hexdigest()[:16]
-    path = cache / key / "randomization.json"
+    path = cache_folder(cache, model, method, opts, task) / "randomization.json"
     if path.is_file():
         out = json.loads(path.read_text())
         return {"layers": out["layers"], "spearman": np.asarray(out["spearman"], float)}

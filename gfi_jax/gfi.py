@@ -78,7 +78,7 @@ PRESETS = {
     # `reference` with stage 2 keeping log f_c(Φ) (cross-entropy) instead of f_c(Φ): the
     # probability's gradient vanishes when the class holds little of the softmax (several
     # objects in the image), the log's does not. Chosen on the offline benchmark
-    # (experiments/results/offline_tuning.md); the default for EfficientNet-Lite0.
+    # (experiments/results/offline_tuning.md, Runs 1-3).
     "contrastive": Config(name="contrastive", log_keep=True),
     # EfficientNet-Lite0's default: `contrastive` with the mask the product of two maps, one
     # over the class-specific 7×7 `head` channels and one over the 14×14 `blocks.11.expand`
@@ -205,11 +205,11 @@ def _weighted_sums(omega: jax.Array, f_l1: jax.Array, cfg: Config,
                    splits: tuple[int, ...]) -> list[jax.Array]:
     """Σᵢ ωᵢ fᵢ `(N, h, w)`: one map, or with `combine="product"` one per l1 layer (`splits`:
     each layer's channel count in f^{l1})."""
+    if cfg.combine not in ("sum", "product"):
+        raise ValueError(f"combine {cfg.combine!r} must be 'sum' or 'product'")
     hi = jax.lax.Precision.HIGHEST
     if cfg.combine == "sum" or len(splits) < 2:
         return [jnp.einsum("nhwc,nc->nhw", f_l1, omega, precision=hi)]
-    if cfg.combine != "product":
-        raise ValueError(f"combine {cfg.combine!r} must be 'sum' or 'product'")
     ends = np.cumsum(splits)
     return [jnp.einsum("nhwc,nc->nhw", f_l1[..., e - k:e], omega[:, e - k:e], precision=hi)
             for k, e in zip(splits, ends)]
@@ -218,12 +218,10 @@ def _weighted_sums(omega: jax.Array, f_l1: jax.Array, cfg: Config,
 def _product(maps: list[jax.Array], how: str) -> jax.Array:
     # Each layer's map normalized alone, so neither layer's scale decides; the product keeps
     # only what every layer marks (a high layer's class evidence at a finer layer's detail).
-    if len(maps) == 1:
-        return normalize(maps[0], how)
     m = normalize(maps[0], how)
     for other in maps[1:]:
         m = m * normalize(other, how)
-    return normalize(m, how)
+    return normalize(m, how) if len(maps) > 1 else m
 
 
 def mask(omega: jax.Array, f_l1: jax.Array, hw: tuple[int, int], cfg: Config,
