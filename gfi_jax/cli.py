@@ -514,9 +514,8 @@ def _explain(args) -> int:
     if not args.paths and not args.examples:
         raise CliError("give image files, folders or globs, or --examples")
     methods = _methods(args.method)
-    try:
-        cfg = gfi_jax.preset(args.preset, arch=args.model or DEFAULT_MODEL,
-                             **parse_overrides(args.set))
+    try:  # bad preset names and fields fail before the model loads
+        gfi_jax.preset(args.preset, arch=args.model or DEFAULT_MODEL, **parse_overrides(args.set))
     except ValueError as e:
         raise CliError(str(e)) from None
     out = prepare_out(args.out)
@@ -539,10 +538,9 @@ def _explain(args) -> int:
         raise CliError(f"--out {out}: the outputs would overwrite the input {clash[0]}; "
                        "choose another --out")
     m = _load(args.model, args.weights, args.dtype)
-    if args.preset is None and m.name != (args.model or DEFAULT_MODEL):
-        # --weights named another architecture: its default preset, not the default model's
-        # (presets may name layers: contrastive_lite0's exist only in EfficientNet-Lite0).
-        cfg = gfi_jax.preset(None, arch=m.name, **parse_overrides(args.set))
+    # The loaded architecture's default preset (--weights may name another one than --model's
+    # default, and presets may name layers: contrastive_lite0's exist only in Lite0).
+    cfg = gfi_jax.preset(args.preset, arch=m.name, **parse_overrides(args.set))
     k_targets = resolve_target(args.target, m.classes)
     _count_compile_time()
     pre = m.preprocessing
