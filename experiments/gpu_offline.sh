@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 ls "$DATA" | wc -l
 t0=$SECONDS
 timeout "$LIMIT" python experiments/offline_benchmark.py --data "$DATA" "${A[@]}" \
-  --gfi 'GFI contrastive:preset=contrastive' --stability-presets contrastive_lite0,contrastive,paper \
+  --gfi 'GFI contrastive:preset=contrastive' --stability-presets detached_lite0,contrastive_lite0,contrastive \
   --cache "$PWD/build/device_cache" --out "$OUT/offline_benchmark.md" \
   --figure "$OUT/offline_benchmark.png" >"$OUT/offline.log" 2>&1
 echo "== offline_benchmark: exit $? after $((SECONDS - t0)) s (limit $LIMIT s)"

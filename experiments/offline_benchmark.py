@@ -52,6 +52,7 @@ def method_specs(args) -> dict[str, tuple[str, dict]]:
         "GFI paper": ("gfi", {"preset": "paper"}),
         "GFI reference": ("gfi", {"preset": "reference"}),
         "GFI stage 1 only": ("gfi", {"preset": "reference", "stage2_steps": 0}),
+        "GFI detached_lite0": ("gfi", {"preset": "detached_lite0"}),
         "GFI contrastive_lite0": ("gfi", {"preset": "contrastive_lite0"}),
         "Grad": ("grad", {}),
         "Guided Backprop": ("guided_backprop", {}),
@@ -229,7 +230,7 @@ def main(argv=None, model=None) -> dict:
                     help="explain after every k-th randomized unit (and the last)")
     ap.add_argument("--no-randomization", action="store_true")
     ap.add_argument("--stability-images", type=int, default=8)
-    ap.add_argument("--stability-presets", default="contrastive_lite0,reference,paper",
+    ap.add_argument("--stability-presets", default="detached_lite0,contrastive_lite0,reference",
                     help="comma list of presets or GFI method names of the table")
     ap.add_argument("--no-stability", action="store_true")
     ap.add_argument("--figure-images", type=int, default=4)

@@ -313,7 +313,7 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="top1",
                    help="top1 (default), topK, a class index, or a class name")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="GFI hyper-parameters (default: the model's, contrastive_lite0 for "
+                   help="GFI hyper-parameters (default: the model's, detached_lite0 for "
                         "efficientnet_lite0, reference for the others)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a GFI config field, e.g. --set stage2_steps=20 (repeatable)")
@@ -539,7 +539,7 @@ def _explain(args) -> int:
                        "choose another --out")
     m = _load(args.model, args.weights, args.dtype)
     # The loaded architecture's default preset (--weights may name another one than --model's
-    # default, and presets may name layers: contrastive_lite0's exist only in Lite0).
+    # default, and presets may name layers: detached_lite0's exist only in Lite0).
     cfg = gfi_jax.preset(args.preset, arch=m.name, **parse_overrides(args.set))
     k_targets = resolve_target(args.target, m.classes)
     _count_compile_time()

@@ -568,8 +568,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="global batch (multiple of devices)")
     p.add_argument("--mask-dtype", default="uint8", choices=tuple(MASK_DTYPES), dest="dtype")
     p.add_argument("--preset", default=None,
-                   help="GFI preset: reference, paper, contrastive or contrastive_lite0 "
-                        "(default: the model's)")
+                   help="GFI preset: one of gfi_jax.gfi.PRESETS, e.g. reference, paper, "
+                        "detached_lite0 (default: the model's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config override, e.g. --set stage1_steps=1 (repeatable)")
     p.add_argument("--image-size", type=int, default=None, help="input side (default: model's)")

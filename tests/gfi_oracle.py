@@ -51,6 +51,9 @@ Choices where the texts are silent or ambiguous (the JAX engine must mirror them
       per layer, sum over that layer's slice of omega (omega is the concatenation, in the
       order the layers are named), each upsampled and normalized as a single-layer mask is
       (C4, C5), the mask their normalized product.
+  C16 norm_grad (not in the paper; an option of this project): the gradient through every
+      normalization's min and max (C2); the values are unchanged. "exact": autograd's.
+      "detach": none (min and max detached).
   C12 'loss' is the per-image total loss (data terms + regularizer) evaluated at omega BEFORE the
       step's update; 'omega_trace' is omega after the update AND the projection.
 """
@@ -87,6 +90,7 @@ class OracleConfig:
     log_suppress: bool = False   # C13: the suppress term is log f_c(Phi_bg)
     area: float = 0.0            # C14: weight of the stage-2 term mean(mask)
     combine: str = "sum"         # C15: "sum" or "product" over several l1 layers
+    norm_grad: str = "exact"     # C16: the gradient through the normalization's min and max
     lr_decay_every: int = 10
     lr_decay_factor: float = 0.5
     adam_betas: tuple = (0.9, 0.999)
@@ -96,6 +100,7 @@ class OracleConfig:
         assert self.reg in ("l1", "l2sq") and self.mask_norm in ("minmax", "max")
         assert self.lr_schedule in ("stage2", "global") and self.score in ("softmax", "sigmoid")
         assert self.combine in ("sum", "product")
+        assert self.norm_grad in ("exact", "detach")
         assert self.stage1_steps >= 0 and self.stage2_steps >= 0
         assert self.stage1_steps + self.stage2_steps > 0
 
@@ -130,10 +135,12 @@ def lr_schedule(cfg: OracleConfig) -> np.ndarray:
     return np.asarray(lrs, dtype=np.float64)
 
 
-def _normalize(m: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-image normalization of m (B, h, w) over its spatial map (C2)."""
+def _normalize(m: torch.Tensor, kind: str, grad: str = "exact") -> torch.Tensor:
+    """Per-image normalization of m (B, h, w) over its spatial map (C2, C16)."""
     mn = m.amin(dim=(1, 2), keepdim=True)
     mx = m.amax(dim=(1, 2), keepdim=True)
+    if grad == "detach":
+        mn, mx = mn.detach(), mx.detach()
     if kind == "minmax":
         den = mx - mn
         return (m - mn) / torch.where(den > 0, den, torch.ones_like(den))
@@ -156,12 +163,13 @@ def make_mask(omega: torch.Tensor, f1, size, cfg: OracleConfig) -> torch.Tensor:
         start += f.shape[1]
         m = torch.einsum("bc,bchw->bhw", w, f)          # Eq. 6: sum_i omega_i f_i^{l1}(x)
         if cfg.upsample_first:
-            m = _normalize(_upsample(m, size, cfg.align_corners), cfg.mask_norm)
+            m = _normalize(_upsample(m, size, cfg.align_corners), cfg.mask_norm,
+                           cfg.norm_grad)
         else:
-            m = _normalize(m, cfg.mask_norm)
+            m = _normalize(m, cfg.mask_norm, cfg.norm_grad)
         mask = m if mask is None else mask * m
     if len(f1) > 1:
-        mask = _normalize(mask, cfg.mask_norm)
+        mask = _normalize(mask, cfg.mask_norm, cfg.norm_grad)
     return mask if cfg.upsample_first else _upsample(mask, size, cfg.align_corners)
 
 

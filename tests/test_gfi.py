@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -135,14 +136,16 @@ def test_basis_from_two_layers(resnet, images):
 
 
 def test_default_preset_per_architecture(resnet, images):
-    assert gfi_jax.gfi.default_preset("efficientnet_lite0") == "contrastive_lite0"
+    assert gfi_jax.gfi.default_preset("efficientnet_lite0") == "detached_lite0"
     assert gfi_jax.gfi.default_preset("resnet18") == "reference"
     assert gfi_jax.preset("contrastive") == dataclasses.replace(
         gfi_jax.preset("reference"), name="contrastive", log_keep=True)
     assert gfi_jax.preset("contrastive_lite0") == dataclasses.replace(
         gfi_jax.preset("contrastive"), name="contrastive_lite0", l1="head+blocks.11.expand",
         combine="product")
-    assert gfi_jax.preset(None, arch="efficientnet_lite0") == gfi_jax.preset("contrastive_lite0")
+    assert gfi_jax.preset("detached_lite0") == dataclasses.replace(
+        gfi_jax.preset("contrastive_lite0"), name="detached_lite0", norm_grad="detach", area=1.0)
+    assert gfi_jax.preset(None, arch="efficientnet_lite0") == gfi_jax.preset("detached_lite0")
     assert gfi_jax.preset(None, arch="vgg19", gamma=1.0) == gfi_jax.preset("reference", gamma=1.0)
     assert gfi_jax.preset("paper", arch="efficientnet_lite0").name == "paper"  # a name wins
     e = gfi_jax.explain(resnet, images[:1])
@@ -314,3 +317,30 @@ def test_product_of_two_layer_masks(resnet, images):
     np.testing.assert_allclose(e.mask, expect, atol=1e-5)
     summed = gfi_jax.explain(resnet, images[:2], preset=dataclasses.replace(cfg, combine="sum"))
     assert not np.allclose(summed.mask, e.mask, atol=1e-3)
+
+
+@pytest.mark.parametrize("how", ["max", "minmax"])
+def test_normalization_gradients(how):
+    """norm_grad changes the gradient through min and max, never the values.
+    "detach": d/dm of Σ w·(m − lo)/den is w/den at every pixel. "exact": the arg-min and
+    arg-max pixels also carry min's and max's own gradient, and only they differ; the exact
+    gradient is orthogonal to m (the result is invariant to the map's scale), the detached
+    one is not."""
+    m = jnp.asarray(np.random.RandomState(3).rand(2, 5, 6).astype(np.float32)) + 0.5
+    w = jnp.asarray(np.random.RandomState(4).randn(2, 5, 6).astype(np.float32))
+    lo = m.min(axis=(1, 2), keepdims=True)
+    den = m.max(axis=(1, 2), keepdims=True) - (lo if how == "minmax" else 0)
+
+    def grad(kind):
+        return jax.grad(lambda a: (G.normalize(a, how, grad=kind) * w).sum())(m)
+
+    np.testing.assert_array_equal(G.normalize(m, how, grad="detach"), G.normalize(m, how))
+    np.testing.assert_allclose(grad("detach"), w / den, rtol=1e-6)
+    differ = ~np.isclose(grad("exact"), w / den, rtol=1e-4)
+    extreme = (m == m.max(axis=(1, 2), keepdims=True)) | (m == lo)
+    assert differ.any(axis=(1, 2)).all() and not (differ & ~extreme).any()
+    radial = (grad("exact") * m).sum(axis=(1, 2))
+    assert np.abs(radial).max() < 1e-5 * np.abs(w).sum(), radial
+    assert np.abs((grad("detach") * m).sum(axis=(1, 2))).min() > 1e-2
+    with pytest.raises(ValueError, match="norm_grad"):
+        G.normalize(m, how, grad="soft")

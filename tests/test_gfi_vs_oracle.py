@@ -151,7 +151,10 @@ def smooth_images(n, size, seed=0):
 @pytest.mark.parametrize("name,extra", [
     ("paper", {}), ("reference", {}), ("contrastive", {}),
     ("contrastive", {"log_suppress": True, "area": 2.0}),
-    ("contrastive", {"l1": "conv5_4+pool5", "combine": "product"})], ids=lambda v: str(v))
+    ("contrastive", {"l1": "conv5_4+pool5", "combine": "product"}),
+    ("contrastive", {"l1": "conv5_4+pool5", "combine": "product", "norm_grad": "detach",
+                     "area": 1.0})],
+    ids=lambda v: str(v))
 def test_vgg19_random_weights_64px(vgg19, name, extra):
     model, features, net = vgg19
     # Paper layers for VGG-19 (Sec. 4.1.1); the released code uses pool5 for both.
