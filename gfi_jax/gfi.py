@@ -94,8 +94,9 @@ PRESETS = {
     # detached from the gradient, plus a small mask-area term. The exact gradient through
     # the arg-max pixel made the result follow last-bit changes (bfloat16 against float32:
     # median mask Pearson 0.883, worst 0.439 on 8 images); detached: 0.992 and 0.907, with
-    # the grid game kept (energy 0.610 against 0.618) and deletion a little worse (0.222
-    # against 0.205) (experiments/results/offline_tuning.md, Run 5).
+    # the grid game kept (energy 0.610 against 0.618) and deletion and insertion worse
+    # (0.222 against 0.205, 0.619 against 0.676) (experiments/results/offline_tuning.md,
+    # Run 5).
     "detached_lite0": Config(name="detached_lite0", log_keep=True, l1="head+blocks.11.expand",
                              combine="product", norm_grad="detach", area=1.0),
 }
@@ -209,7 +210,7 @@ def normalize(m: jax.Array, how: str, grad: str = "exact") -> jax.Array:
     "exact": autodiff's, through the single arg-min and arg-max pixels. "detach": none, min
     and max are constants. Why it matters: with "exact", stage 2 follows last-bit changes of
     its input (bfloat16 against float32, noise of 1e-3) to visibly different masks; with
-    "detach" it does not (experiments/results/offline_tuning.md, Run 5).
+    "detach" far less (experiments/results/offline_tuning.md, Run 5).
     """
     lo = m.min(axis=(1, 2), keepdims=True)
     hi = m.max(axis=(1, 2), keepdims=True)
