@@ -10,8 +10,17 @@ checks that both compute the same values:
 - ResNet's stem (7×7/2, 3 → 64 channels): the strided convolution against the same
   convolution on the 2×2 space-to-depth input (12 channels, a 4×4 stride-1 kernel).
 
+`--cases resnet18-convs` times every distinct convolution of ResNet-18 at 224² instead, as the
+port runs it (`layers.conv_general_dilated`, with its CPU input-gradient rule), as autodiff of
+`lax.conv_general_dilated`, and rewritten without the convolution library: one matrix product
+over the k² shifted views side by side ("im2col"), the same per image (`lax.map`), and for
+3×3 stride-1 layers Winograd's F(2×2, 3×3) (16 products of 2.25× fewer FLOPs, plus tile
+transforms). Why: on CPU ResNet-18's attribution methods trail PyTorch's (issue 5), and this is
+where the time goes (experiments/results/bench_methods_cpu.md).
+
     python experiments/bench_layers.py                      # accelerator: batch 1024, bfloat16
     python experiments/bench_layers.py --batch 2 --dtype float32
+    python experiments/bench_layers.py --cases resnet18-convs --batch 32
 
 Prints a markdown table (ms per forward + input gradient, median of timed calls).
 """
@@ -59,6 +68,90 @@ def stem_s2d(x: jax.Array, w: jax.Array) -> jax.Array:
                                     ((0, 0), (0, 0)), dimension_numbers=NHWC)
 
 
+def conv_port(s, p):
+    return lambda x, w: layers.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)),
+                                                    dimension_numbers=NHWC)
+
+
+def conv_autodiff(s, p):
+    return lambda x, w: lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)),
+                                                 dimension_numbers=NHWC)
+
+
+def im2col(x: jax.Array, w: jax.Array, s: int, p: int) -> jax.Array:
+    """The conv as one product: the k² shifted, strided views side by side, `(…, k²·C)`,
+    times the kernel as a `(k²·C, O)` matrix."""
+    k, _, c, n_out = w.shape
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    oh, ow = (xp.shape[1] - k) // s + 1, (xp.shape[2] - k) // s + 1
+    cols = jnp.concatenate([xp[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :]
+                            for i in range(k) for j in range(k)], axis=-1)
+    return lax.dot_general(cols, w.reshape(k * k * c, n_out), (((3,), (0,)), ((), ())))
+
+
+def conv_im2col(s, p):
+    return lambda x, w: im2col(x, w, s, p)
+
+
+def conv_im2col_per_image(s, p):
+    return lambda x, w: lax.map(lambda xi: im2col(xi[None], w, s, p)[0], x)
+
+
+_WINO_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+_WINO_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
+_WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+
+
+def _combine(mat: np.ndarray, xs: list) -> list:
+    """[Σᵢ mat[a, i]·xs[i] for each row a], skipping the zero entries (the Winograd matrices
+    are mostly 0 and ±1, so each transform is a few additions, fused by XLA)."""
+    out = []
+    for row in mat:
+        terms = [x if c == 1 else -x if c == -1 else c * x for c, x in zip(row, xs) if c != 0]
+        out.append(sum(terms[1:], terms[0]))
+    return out
+
+
+def winograd(x: jax.Array, w: jax.Array, p: int) -> jax.Array:
+    """3×3 stride-1 conv as Winograd F(2×2, 3×3): 4×4 input tiles (stride 2) transformed by
+    Bᵀ·d·B, 16 products with G·w·Gᵀ, 2×2 output tiles by Aᵀ·M·A."""
+    n, h, wd, _ = x.shape
+    oh, ow = h + 2 * p - 2, wd + 2 * p - 2
+    th, tw = -(-oh // 2), -(-ow // 2)
+    xp = jnp.pad(x, ((0, 0), (p, p + 2 * th - oh), (p, p + 2 * tw - ow), (0, 0)))
+    d = [[xp[:, i:i + 2 * th - 1:2, j:j + 2 * tw - 1:2] for j in range(4)] for i in range(4)]
+    rows = [_combine(_WINO_BT, [d[i][j] for i in range(4)]) for j in range(4)]  # [j][a]
+    v = jnp.stack([jnp.stack(_combine(_WINO_BT, [rows[j][a] for j in range(4)]))
+                   for a in range(4)])                                # (4, 4, N, th, tw, C)
+    u = jnp.einsum("ai,ijco,bj->abco", jnp.asarray(_WINO_G, w.dtype), w,
+                   jnp.asarray(_WINO_G, w.dtype))
+    m = jnp.einsum("abnhwc,abco->abnhwo", v, u)
+    cols = [_combine(_WINO_AT, [m[a, b] for a in range(4)]) for b in range(4)]  # [b][p]
+    y = [_combine(_WINO_AT, [cols[b][p] for b in range(4)]) for p in range(2)]  # [p][q]
+    y = jnp.stack([jnp.stack(yp, axis=3) for yp in y], axis=2)  # (N, th, 2, tw, 2, O)
+    return y.reshape(n, 2 * th, 2 * tw, -1)[:, :oh, :ow]
+
+
+def conv_winograd(s, p):
+    return lambda x, w: winograd(x, w, p)
+
+
+# ResNet-18 at 224²: (name, input H = W, C in, C out, kernel, stride, padding, how many)
+RESNET18_CONVS = [
+    ("stem", 224, 3, 64, 7, 2, 3, 1),
+    ("layer1 3×3", 56, 64, 64, 3, 1, 1, 4),
+    ("layer2.0 3×3/2", 56, 64, 128, 3, 2, 1, 1),
+    ("layer2 downsample 1×1/2", 56, 64, 128, 1, 2, 0, 1),
+    ("layer2 3×3", 28, 128, 128, 3, 1, 1, 3),
+    ("layer3.0 3×3/2", 28, 128, 256, 3, 2, 1, 1),
+    ("layer3 downsample 1×1/2", 28, 128, 256, 1, 2, 0, 1),
+    ("layer3 3×3", 14, 256, 256, 3, 1, 1, 3),
+    ("layer4.0 3×3/2", 14, 256, 512, 3, 2, 1, 1),
+    ("layer4 downsample 1×1/2", 14, 256, 512, 1, 2, 0, 1),
+    ("layer4 3×3", 7, 512, 512, 3, 1, 1, 3),
+]
+
+
 def pool_plain(k, s, pad):
     return lambda x: layers._max_pool_plain(x, k, s, pad)
 
@@ -77,6 +170,12 @@ def fwd_bwd(f, x, *rest):
     return jax.jit(run), (x, g, *rest)
 
 
+def flops(x: jax.Array, w: jax.Array, y: jax.Array) -> float:
+    """Direct-convolution FLOPs of forward + input gradient: 2 · 2·outputs·k²·C_in (the
+    rate column's yardstick, also for the variants that do fewer)."""
+    return 2 * 2 * y.size * w.shape[0] * w.shape[1] * w.shape[2]
+
+
 def main() -> int:
     gpu = jax.default_backend() != "cpu"
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -84,6 +183,8 @@ def main() -> int:
                     help="images per call (a stage-2 step of GFI at batch B runs 2B)")
     ap.add_argument("--dtype", default="bfloat16" if gpu else "float32")
     ap.add_argument("--max-time", type=float, default=2.0)
+    ap.add_argument("--cases", choices=("gpu-suspects", "resnet18-convs"), default="gpu-suspects",
+                    help="the layers the GPU traces blamed (default), or every ResNet-18 conv")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     dt, B = jnp.dtype(args.dtype), args.batch
@@ -92,6 +193,13 @@ def main() -> int:
         return jnp.asarray(rng.standard_normal(shape), dt)
 
     cases = [  # (layer, input, {variant: function}, extra args)
+        (f"{name} ×{count}, {h}²×{cin} → {cout}", rand(B, h, h, cin),
+         {"port (library)": conv_port(s, p), "autodiff (library)": conv_autodiff(s, p),
+          "im2col": conv_im2col(s, p), "im2col per image": conv_im2col_per_image(s, p),
+          **({"Winograd F(2×2,3×3)": conv_winograd(s, p)} if (k, s) == (3, 1) else {})},
+         (rand(k, k, cin, cout) / np.sqrt(k * k * cin),))
+        for name, h, cin, cout, k, s, p, count in RESNET18_CONVS
+    ] if args.cases == "resnet18-convs" else [
         ("ResNet max pool 3×3/2 pad 1, 112²×64", rand(B, 112, 112, 64),
          {"select-and-scatter": pool_plain(3, 2, 1), "masked": pool_masked(3, 2, 1)}, ()),
         ("VGG max pool 2×2/2, 224²×64", rand(B, 224, 224, 64),
@@ -102,8 +210,9 @@ def main() -> int:
     print(f"# Layers, forward + input gradient: {jax.devices()[0].device_kind}, batch {B}, "
           f"{args.dtype}\n")
     print(f"- command: `python experiments/bench_layers.py {' '.join(sys.argv[1:])}`\n")
-    print("| layer | variant | ms | max abs diff to the first variant (output, gradient) |")
-    print("|---|---|---:|---|")
+    print("| layer | variant | ms | GFLOP/s | max abs diff to the first variant "
+          "(output, gradient) |")
+    print("|---|---|---:|---:|---|")
     for name, x, variants, rest in cases:
         ref = None
         for vname, f in variants.items():
@@ -116,7 +225,9 @@ def main() -> int:
                 diff = ", ".join(
                     f"{float(jnp.abs(u.astype(jnp.float32) - v.astype(jnp.float32)).max()):.3g}"
                     for u, v in zip((y, dx), ref))
-            print(f"| {name} | {vname} | {ms:.3f} | {diff} |", flush=True)
+            rate = (f"{flops(x, rest[0], y) / ms / 1e6:.0f}"
+                    if rest and rest[0].ndim == 4 else "-")
+            print(f"| {name} | {vname} | {ms:.3f} | {rate} | {diff} |", flush=True)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""The pieces of the benchmark scripts that compute something: the space-to-depth stem of
-experiments/bench_layers.py and the trace arithmetic of experiments/profile_gfi.py."""
+"""The pieces of the benchmark scripts that compute something: the space-to-depth stem and the
+conv rewrites of experiments/bench_layers.py and the trace arithmetic of
+experiments/profile_gfi.py."""
 from __future__ import annotations
 
 import sys
@@ -26,6 +27,25 @@ def test_space_to_depth_stem_is_the_strided_stem(hw):
     dx = jax.vjp(lambda x: bench_layers.stem_plain(x, w), x)[1](g)[0]
     dx2d = jax.vjp(lambda x: bench_layers.stem_s2d(x, w), x)[1](g)[0]
     np.testing.assert_allclose(dx2d, dx, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("hw,k,s,p", [(9, 3, 1, 1), (10, 3, 1, 0), (11, 3, 2, 1), (8, 1, 2, 0),
+                                      (13, 7, 2, 3)])
+def test_conv_rewrites_are_the_convolution(hw, k, s, p):
+    # Each variant timed by `--cases resnet18-convs` computes the same conv and input gradient.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, hw, hw + 1, 5)).astype(np.float32)
+    w = rng.standard_normal((k, k, 5, 6)).astype(np.float32)
+    variants = [bench_layers.conv_port(s, p), bench_layers.conv_im2col(s, p),
+                bench_layers.conv_im2col_per_image(s, p)]
+    if (k, s) == (3, 1):
+        variants.append(bench_layers.conv_winograd(s, p))
+    ref, vjp = jax.vjp(lambda x: bench_layers.conv_autodiff(s, p)(x, w), x)
+    g = rng.standard_normal(ref.shape).astype(np.float32)
+    for f in variants:
+        y, f_vjp = jax.vjp(lambda x: f(x, w), x)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(f_vjp(g)[0], vjp(g)[0], rtol=1e-5, atol=1e-4)
 
 
 def test_space_to_depth_layout():
