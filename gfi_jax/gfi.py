@@ -46,7 +46,8 @@ class Config:
     restart_stage2: bool = False           # a fresh Adam (and schedule) for stage 2
     adam_eps: float = 1e-8
     omega_init: float = 0.1
-    omega_max: float | None = 1e5          # projection: ω ← clip(ω, 0, omega_max)
+    omega_max: float | None = 1e5          # projection: ω ← clip(ω, omega_min, omega_max)
+    omega_min: float | None = 0.0          # the paper's ω ≥ 0; None: signed ω, no lower bound
     inversion_error: Literal["sum", "relative"] = "relative"   # ‖Δf‖² or ‖Δf‖²/‖f(x)‖²
     gamma: float = 5.0                     # stage-1 penalty weight
     stage1_penalty: Literal["l1", "l2sq"] = "l2sq"
@@ -135,8 +136,9 @@ _preset = preset  # `explain` takes an argument named `preset`
 
 
 # ----------------------------------------------------------------------------- optimizer
-def project(lo: float = 0.0, hi: float | None = None) -> optax.GradientTransformation:
-    """Projection onto [lo, hi] as the last link of an optax chain: ω + u ∈ [lo, hi]."""
+def project(lo: float | None = 0.0, hi: float | None = None) -> optax.GradientTransformation:
+    """Projection onto [lo, hi] as the last link of an optax chain: ω + u ∈ [lo, hi] (None:
+    no bound on that side)."""
     def update(updates, state, params):
         return jax.tree.map(lambda u, w: jnp.clip(w + u, lo, hi) - w, updates, params), state
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -149,7 +151,7 @@ def schedules(cfg: Config) -> tuple[optax.Schedule, optax.Schedule]:
 
 
 def optimizer(cfg: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
-    return optax.chain(optax.adam(schedule, eps=cfg.adam_eps), project(0.0, cfg.omega_max))
+    return optax.chain(optax.adam(schedule, eps=cfg.adam_eps), project(cfg.omega_min, cfg.omega_max))
 
 
 def lr_trace(cfg: Config) -> np.ndarray:

@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -159,6 +160,22 @@ def test_step_size_schedules():
     ref = G.lr_trace(gfi_jax.preset("reference"))
     np.testing.assert_allclose(ref, [1e-2 * 0.5 ** (s // 10) for s in range(80)], rtol=1e-6)
     assert ref[11] == pytest.approx(5e-3)  # stage 2 of the released code starts at 5e-3
+
+
+def test_projection_lower_bound():
+    # The paper keeps ω >= 0; `omega_min=None` drops that bound (a setting tried on the offline
+    # benchmark). A gradient that pushes ω down for 50 steps crosses 0 only without the bound.
+    omega = jnp.full((1, 4), 0.1)
+    for lo, below_zero in ((0.0, False), (None, True)):
+        cfg = gfi_jax.preset("reference", omega_min=lo)
+        opt = G.optimizer(cfg, optax.constant_schedule(cfg.lr))
+        w, state = omega, opt.init(omega)
+        for _ in range(50):
+            u, state = opt.update(jnp.ones_like(w), state, w)
+            w = optax.apply_updates(w, u)
+        assert bool((w < 0).all()) == below_zero, (lo, w)
+        if not below_zero:
+            assert float(w.min()) == 0.0
 
 
 def test_presets_and_overrides():
