@@ -11,7 +11,8 @@ checks that both compute the same values:
   convolution on the 2×2 space-to-depth input (12 channels, a 4×4 stride-1 kernel).
 
 `--cases resnet18-convs` times every distinct convolution of ResNet-18 at 224² instead, as the
-port runs it (`layers.conv_general_dilated`, with its CPU input-gradient rule), as autodiff of
+port runs it (`layers.conv_general_dilated`: on CPU the library with a hand-written input
+gradient, or one matrix product when the output has few pixels), as autodiff of
 `lax.conv_general_dilated`, and rewritten without the convolution library: one matrix product
 over the k² shifted views side by side ("im2col"), the same per image (`lax.map`), and for
 3×3 stride-1 layers Winograd's F(2×2, 3×3) (16 products of 2.25× fewer FLOPs, plus tile
@@ -194,7 +195,7 @@ def main() -> int:
 
     cases = [  # (layer, input, {variant: function}, extra args)
         (f"{name} ×{count}, {h}²×{cin} → {cout}", rand(B, h, h, cin),
-         {"port (library)": conv_port(s, p), "autodiff (library)": conv_autodiff(s, p),
+         {"port": conv_port(s, p), "autodiff (library)": conv_autodiff(s, p),
           "im2col": conv_im2col(s, p), "im2col per image": conv_im2col_per_image(s, p),
           **({"Winograd F(2×2,3×3)": conv_winograd(s, p)} if (k, s) == (3, 1) else {})},
          (rand(k, k, cin, cout) / np.sqrt(k * k * cin),))

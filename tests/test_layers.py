@@ -52,16 +52,20 @@ def test_depthwise_matches_grouped_conv(k, stride, pad, hw):
                                              # inputs smaller than the kernel (padded first)
                                              (3, 1, 1, 2), (3, 1, 1, 1), (3, 2, 1, 2),
                                              (7, 2, 3, 3)])
-def test_dense_conv_matches_autodiff(k, stride, pad, hw):
+@pytest.mark.parametrize("path", ["library", "matrix product"])
+def test_dense_conv_matches_autodiff(k, stride, pad, hw, path, monkeypatch):
+    # Both CPU paths of `_conv_plain`: the convolution library, and for convs with few output
+    # pixels (within `matrix_product_convs`) one matrix product over the k² shifted views.
+    monkeypatch.setattr(layers, "_gemm_max_pixels", 0 if path == "library" else 10**9)
     mod = layers.conv(5, 7, k, stride=stride, pad=pad, rngs=nnx.Rngs(0))
     assert mod.conv_general_dilated is layers.conv_general_dilated
     x = jax.random.normal(jax.random.PRNGKey(1), (2, hw, hw, 5))
     y = mod(x)
     plain = _with_lax(mod)
-    if hw >= k:  # the same library call: bit for bit
+    if hw >= k and path == "library":  # the same library call: bit for bit
         np.testing.assert_array_equal(y, plain(x))
-    else:        # padded first: another kernel, another summation order
-        np.testing.assert_allclose(y, plain(x), rtol=1e-5, atol=1e-6)
+    else:        # padded first, or a product: another summation order (here of up to 605
+        np.testing.assert_allclose(y, plain(x), rtol=1e-5, atol=1e-5)  # terms of size ~1)
     w = jax.random.normal(jax.random.PRNGKey(2), y.shape)
 
     def grads(m):
@@ -83,6 +87,46 @@ def test_dense_conv_matches_autodiff(k, stride, pad, hw):
     looped = jax.jit(lambda x: jax.lax.scan(body, x, None, length=2)[0])(x)
     step1 = x - 0.1 * dx(x)
     np.testing.assert_allclose(looped, step1 - 0.1 * dx(step1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,stride,hw", [(3, 1, 7), (3, 2, 14), (1, 2, 14)])
+def test_small_map_convs_per_image_and_as_products(k, stride, hw):
+    # Small maps (ResNet's 7×7 layer4 at 224²): as GFI runs them (the library), an image's
+    # output and input gradient do not depend on the batch it is in (GFI's batched runs equal
+    # its single runs bit for bit); within `matrix_product_convs` (the attribution methods)
+    # they run as one matrix product, with the same values to round-off.
+    mod = layers.conv(64, 96, k, stride=stride, pad=k // 2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, hw, hw, 64))
+    gdef, params = nnx.split(mod)
+    w = jax.random.normal(jax.random.PRNGKey(2), mod(x).shape)
+
+    def run(x, w):
+        return nnx.merge(gdef, params)(x), jax.grad(
+            lambda x: (jax.nn.relu(nnx.merge(gdef, params)(x)) * w).sum())(x)
+
+    f = jax.jit(run)
+    y1, g1 = f(x[:1], w[:1])
+    for n in (2, 6):
+        y, g = f(x[:n], w[:n])
+        np.testing.assert_array_equal(y[:1], y1)
+        np.testing.assert_array_equal(g[:1], g1)
+
+    pads = ((k // 2,) * 2,) * 2
+    assert not layers._few_pixels(x, mod.kernel[...], (stride, stride), pads)
+
+    def products(x, w):  # the switch is read at trace time: a function of its own (jit
+        with layers.matrix_product_convs():  # caches traces per function)
+            return run(x, w)
+
+    assert "conv_general_dilated" in str(jax.make_jaxpr(run)(x, w))
+    jaxpr = str(jax.make_jaxpr(products)(x, w))
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+    y, g = jax.jit(products)(x, w)
+    with layers.matrix_product_convs():
+        assert layers._few_pixels(x, mod.kernel[...], (stride, stride), pads)
+    y0, g0 = f(x, w)
+    np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("k,stride,pad,hw", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 0, 13),

@@ -183,13 +183,21 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 
 def _conv_plain(x, w, s, pads, precision, lhs_dilation=(1, 1)):
-    """An NHWC conv; one whose (dilated) input is smaller than its kernel is padded first.
+    """An NHWC conv; one with few output pixels runs as a matrix product (`_im2col`), one whose
+    (dilated) input is smaller than its kernel is padded first.
 
-    XLA:CPU runs such a conv (ResNet's 2×2 layer4 maps at 64² inputs, their input gradients)
-    in a generic loop: a 2×2×512 → 512 3×3 conv, padding 1, batch 2, 18 ms; padded
-    explicitly (kept apart by a barrier, else XLA folds the pad back into the conv) it is a
-    valid conv in the library, 0.9 ms. Larger inputs keep the conv's own padding, which is
-    faster there (3×3 input: 0.9 against 2.2 ms)."""
+    Few output pixels (within `matrix_product_convs`): XLA:CPU's convolution library is slow
+    on small maps at small batches (ResNet-18's 7×7 layer4 at batch 1: a 3×3 512 → 512 conv,
+    forward + input gradient, 11.8 ms, 39 GFLOP/s; as one matrix product 3.4 ms, 136
+    GFLOP/s; at 14×14 the library is as fast: experiments/results/bench_layers_cpu.md).
+
+    Smaller than its kernel: XLA:CPU runs such a conv (ResNet's 2×2 layer4 maps at 64² inputs,
+    their input gradients) in a generic loop: a 2×2×512 → 512 3×3 conv, padding 1, batch 2,
+    18 ms; padded explicitly (kept apart by a barrier, else XLA folds the pad back into the
+    conv) it is a valid conv in the library, 0.9 ms. Larger inputs keep the conv's own
+    padding, which is faster there (3×3 input: 0.9 against 2.2 ms)."""
+    if lhs_dilation == (1, 1) and _few_pixels(x, w, s, pads):
+        return _im2col(x, w, s, pads, precision)
     if all(x.shape[1 + d] + (x.shape[1 + d] - 1) * (lhs_dilation[d] - 1) >= w.shape[d]
            for d in (0, 1)):
         return lax.conv_general_dilated(x, w, s, pads, lhs_dilation=lhs_dilation,
@@ -198,6 +206,49 @@ def _conv_plain(x, w, s, pads, precision, lhs_dilation=(1, 1)):
     xp = lax.optimization_barrier(lax.pad(x, jnp.zeros((), x.dtype), cfg))
     return lax.conv_general_dilated(xp, w, s, ((0, 0), (0, 0)), dimension_numbers=_NHWC,
                                     precision=precision)
+
+
+_gemm_max_pixels = 0   # read at trace time; see `matrix_product_convs`
+SMALL_MAP_PIXELS = 64  # its default (0 turns the products off: `bench_methods.py --library-convs`)
+
+
+@contextlib.contextmanager
+def matrix_product_convs(max_pixels: int | None = None):
+    """Within: CPU convs whose output has at most `max_pixels` (default `SMALL_MAP_PIXELS`)
+    pixels per image run as one matrix product. ResNet's 7×7 layer4 at 224² has 49; its 14×14
+    layer3 (196), where the library is as fast, stays. The attribution methods trace inside
+    it (`methods.compiled`).
+
+    Why not everywhere: the product's summation order depends on the batch size on XLA:CPU
+    (last-bit differences between an image alone and in a batch), and GFI's optimization
+    amplifies such differences; its batched and single runs agree bit for bit with the
+    library (`tests/test_layers.py`).
+    """
+    global _gemm_max_pixels
+    saved = _gemm_max_pixels
+    _gemm_max_pixels = SMALL_MAP_PIXELS if max_pixels is None else max_pixels
+    try:
+        yield
+    finally:
+        _gemm_max_pixels = saved
+
+
+def _few_pixels(x, w, s, pads) -> bool:
+    out_hw = [(x.shape[1 + d] + sum(pads[d]) - w.shape[d]) // s[d] + 1 for d in (0, 1)]
+    return out_hw[0] * out_hw[1] <= _gemm_max_pixels
+
+
+def _im2col(x, w, s, pads, precision):
+    """The conv as one product: the k² shifted, strided views of the padded input side by
+    side, `(N, oh, ow, k²·C)`, times the kernel as a `(k²·C, O)` matrix."""
+    kh, kw, c, n_out = w.shape
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    oh, ow = (xp.shape[1] - kh) // s[0] + 1, (xp.shape[2] - kw) // s[1] + 1
+    cols = [xp[:, i:i + s[0] * (oh - 1) + 1:s[0], j:j + s[1] * (ow - 1) + 1:s[1], :]
+            for i in range(kh) for j in range(kw)]
+    cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    return lax.dot_general(cols, w.reshape(kh * kw * c, n_out), (((3,), (0,)), ((), ())),
+                           precision=precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -212,7 +263,13 @@ def _conv_fwd(x, w, s, pads, precision):
 def _conv_bwd(s, pads, precision, res, g):
     # dx: the cotangent, dilated by the stride and padded, correlated with the flipped kernel
     # (in, out swapped). `r` covers input rows the forward's last window did not reach.
+    # A conv that ran as a matrix product takes that product's own gradient: a product with
+    # the same kernel matrix, no flipped copy of it.
     x, w = res
+    if _few_pixels(x, w, s, pads):  # dx and dw apart, so that XLA can drop an unused dw
+        dx = jax.vjp(lambda x: _im2col(x, w, s, pads, precision), x)[1](g)[0]
+        dw = jax.vjp(lambda w: _im2col(x, w, s, pads, precision), w)[1](g)[0]
+        return dx, dw
     wt = lax.optimization_barrier(jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
     tpads = []
     for d, k, (lo, hi), sd in ((1, w.shape[0], pads[0], s[0]), (2, w.shape[1], pads[1], s[1])):
