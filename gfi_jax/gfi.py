@@ -151,7 +151,8 @@ def schedules(cfg: Config) -> tuple[optax.Schedule, optax.Schedule]:
 
 
 def optimizer(cfg: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
-    return optax.chain(optax.adam(schedule, eps=cfg.adam_eps), project(cfg.omega_min, cfg.omega_max))
+    return optax.chain(optax.adam(schedule, eps=cfg.adam_eps),
+                       project(cfg.omega_min, cfg.omega_max))
 
 
 def lr_trace(cfg: Config) -> np.ndarray:

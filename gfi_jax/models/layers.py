@@ -148,8 +148,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     3×3 layer through ReLU, input gradient, 43 ms alone, 143 ms per step in a scan, 42 ms with
     this rule). Here the flipped, transposed kernel is materialized (an `optimization_barrier`
     keeps XLA from folding it back), so the input gradient is an ordinary HWIO conv; bit for
-    bit autodiff's numbers. A conv whose input is smaller than its kernel is padded first
-    (see `_conv_plain`).
+    bit autodiff's numbers. A conv whose input is smaller than its kernel is padded first,
+    and within `matrix_product_convs` one with few output pixels is a matrix product (see
+    `_conv_plain`).
 
     Depthwise convs (groups = channels) run as k² shifted multiply-adds with a hand-written
     backward: XLA:CPU lowers grouped convolutions to a slow generic loop (a 112×112×96 3×3
