@@ -24,10 +24,9 @@ CLASSES = imagenet_classes()
 
 @pytest.fixture(scope="module", autouse=True)
 def own_compilation_cache(tmp_path_factory):
-    """`explain` and `run` turn on JAX's persistent compilation cache for the whole process.
-    Here it lives in a temporary folder and is turned off after this module, so the suite
-    never writes to the user's cache (`~/.cache/gfi_jax/xla`) and the other test files
-    compile in memory only."""
+    """`explain` and `run` point JAX's persistent compilation cache at `GFI_JAX_CACHE` (by
+    default the user's `~/.cache/gfi_jax/xla`) for the rest of the process. Here that is a
+    temporary folder, and the suite's own cache (`conftest.py`) is restored afterwards."""
     saved = jax.config.jax_compilation_cache_dir
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GFI_JAX_CACHE", str(tmp_path_factory.mktemp("gfi-cache")))
