@@ -185,14 +185,14 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--full-configs", action="store_true",
                    help="the methods' default settings, and batch 32 for every method")
-    p.add_argument("--library-convs", action="store_true",
-                   help="JAX side: every conv in XLA's convolution library, none as a matrix "
-                        "product (what `layers.matrix_product_convs` gains)")
+    p.add_argument("--matrix-products", action="store_true",
+                   help="JAX side: convs with at most 64 output pixels per image as matrix "
+                        "products (`layers.matrix_product_convs`; off by default)")
     p.add_argument("--out", default=str(REPO / "experiments/results/bench_methods_cpu.md"))
     args = p.parse_args(argv)
-    if args.library_convs:
+    if args.matrix_products:
         from gfi_jax.models import layers
-        layers.SMALL_MAP_PIXELS = 0
+        layers.SMALL_MAP_PIXELS = 64
     started = datetime.datetime.now(datetime.timezone.utc)
     load0 = os.getloadavg()
     rows = []
@@ -235,9 +235,9 @@ def write(args, rows, started, load0, load1) -> None:
         f"methods ({', '.join(CHEAP)}), {max(1, args.repeats // 2)} for the others, after a "
         "warm-up call (JAX: the compile, reported separately)",
         "- time per image = time per call / batch; speedup = Captum / JAX",
-        "- JAX convs: " + ("all in XLA's convolution library (`--library-convs`)"
-                           if args.library_convs else "small maps (≤ 64 pixels per image) as "
-                           "matrix products (`layers.matrix_product_convs`)"), ""]
+        "- JAX convs: " + ("small maps (≤ 64 pixels per image) as matrix products "
+                           "(`--matrix-products`)" if args.matrix_products
+                           else "all in XLA's convolution library"), ""]
     if max(load0[0], load1[0]) > len(os.sched_getaffinity(0)) / 2:
         lines += ["**WARNING: the 1-minute load average exceeded half the cores during this "
                   "run; single numbers can be off by several times (a negative compile time "

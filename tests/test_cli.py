@@ -8,10 +8,8 @@ import json
 import sys
 import types
 
-import jax
 import numpy as np
 import pytest
-from jax._src import compilation_cache
 from PIL import Image
 
 from gfi_jax import cli
@@ -20,19 +18,6 @@ from test_io import write_bad_files, write_odd_modes
 
 FAST = ["--set", "stage1_steps=1", "--set", "stage2_steps=1", "--batch-size", "2"]
 CLASSES = imagenet_classes()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def own_compilation_cache(tmp_path_factory):
-    """`explain` and `run` point JAX's persistent compilation cache at `GFI_JAX_CACHE` (by
-    default the user's `~/.cache/gfi_jax/xla`) for the rest of the process. Here that is a
-    temporary folder, and the suite's own cache (`conftest.py`) is restored afterwards."""
-    saved = jax.config.jax_compilation_cache_dir
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GFI_JAX_CACHE", str(tmp_path_factory.mktemp("gfi-cache")))
-        yield
-    jax.config.update("jax_compilation_cache_dir", saved)
-    compilation_cache.reset_cache()
 
 
 def gfi_jax(*argv) -> tuple[int, str, str]:

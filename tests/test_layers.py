@@ -115,14 +115,14 @@ def test_small_map_convs_per_image_and_as_products(k, stride, hw):
     assert not layers._few_pixels(x, mod.kernel[...], (stride, stride), pads)
 
     def products(x, w):  # the switch is read at trace time: a function of its own (jit
-        with layers.matrix_product_convs():  # caches traces per function)
+        with layers.matrix_product_convs(64):  # caches traces per function)
             return run(x, w)
 
     assert "conv_general_dilated" in str(jax.make_jaxpr(run)(x, w))
     jaxpr = str(jax.make_jaxpr(products)(x, w))
     assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
     y, g = jax.jit(products)(x, w)
-    with layers.matrix_product_convs():
+    with layers.matrix_product_convs(64):
         assert layers._few_pixels(x, mod.kernel[...], (stride, stride), pads)
     y0, g0 = f(x, w)
     np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)

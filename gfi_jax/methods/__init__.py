@@ -96,8 +96,8 @@ def get_method(name: str) -> Method:
 def compiled(name: str, features: Callable, cfg: Any) -> Callable:
     """The jitted `(params, images, targets) -> (B, H, W)` of one method, model and config.
 
-    Traced with small-map convs as matrix products (`layers.matrix_product_convs`: faster on
-    CPU, e.g. ResNet-18's gradient at batch 1; no effect on accelerators)."""
+    Traced inside `layers.matrix_product_convs`: small-map convs as matrix products on CPU
+    when `layers.SMALL_MAP_PIXELS` > 0 (off by default; see there)."""
     fn = METHODS[name].fn
 
     def run(params, images, targets):
