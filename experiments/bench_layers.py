@@ -11,8 +11,8 @@ checks that both compute the same values:
   convolution on the 2×2 space-to-depth input (12 channels, a 4×4 stride-1 kernel).
 
 `--cases resnet18-convs` times every distinct convolution of ResNet-18 at 224² instead, as the
-port runs it (`layers.conv_general_dilated`: on CPU the library with a hand-written input
-gradient, or one matrix product when the output has few pixels), as autodiff of
+port runs it by default (`layers.conv_general_dilated`: on CPU the library with a
+hand-written input gradient), as autodiff of
 `lax.conv_general_dilated`, and rewritten without the convolution library: one matrix product
 over the k² shifted views side by side ("im2col"), the same per image (`lax.map`), and for
 3×3 stride-1 layers Winograd's F(2×2, 3×3) (16 products of 2.25× fewer FLOPs, plus tile
@@ -79,23 +79,13 @@ def conv_autodiff(s, p):
                                                  dimension_numbers=NHWC)
 
 
-def im2col(x: jax.Array, w: jax.Array, s: int, p: int) -> jax.Array:
-    """The conv as one product: the k² shifted, strided views side by side, `(…, k²·C)`,
-    times the kernel as a `(k²·C, O)` matrix."""
-    k, _, c, n_out = w.shape
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    oh, ow = (xp.shape[1] - k) // s + 1, (xp.shape[2] - k) // s + 1
-    cols = jnp.concatenate([xp[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :]
-                            for i in range(k) for j in range(k)], axis=-1)
-    return lax.dot_general(cols, w.reshape(k * k * c, n_out), (((3,), (0,)), ((), ())))
-
-
 def conv_im2col(s, p):
-    return lambda x, w: im2col(x, w, s, p)
+    """The port's matrix-product conv (`layers._im2col`), for the whole batch at once."""
+    return lambda x, w: layers._im2col(x, w, (s, s), ((p, p), (p, p)), None)
 
 
 def conv_im2col_per_image(s, p):
-    return lambda x, w: lax.map(lambda xi: im2col(xi[None], w, s, p)[0], x)
+    return lambda x, w: lax.map(lambda xi: conv_im2col(s, p)(xi[None], w)[0], x)
 
 
 _WINO_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
@@ -171,7 +161,7 @@ def fwd_bwd(f, x, *rest):
     return jax.jit(run), (x, g, *rest)
 
 
-def flops(x: jax.Array, w: jax.Array, y: jax.Array) -> float:
+def flops(w: jax.Array, y: jax.Array) -> float:
     """Direct-convolution FLOPs of forward + input gradient: 2 · 2·outputs·k²·C_in (the
     rate column's yardstick, also for the variants that do fewer)."""
     return 2 * 2 * y.size * w.shape[0] * w.shape[1] * w.shape[2]
@@ -226,7 +216,7 @@ def main() -> int:
                 diff = ", ".join(
                     f"{float(jnp.abs(u.astype(jnp.float32) - v.astype(jnp.float32)).max()):.3g}"
                     for u, v in zip((y, dx), ref))
-            rate = (f"{flops(x, rest[0], y) / ms / 1e6:.0f}"
+            rate = (f"{flops(rest[0], y) / ms / 1e6:.0f}"
                     if rest and rest[0].ndim == 4 else "-")
             print(f"| {name} | {vname} | {ms:.3f} | {rate} | {diff} |", flush=True)
     return 0

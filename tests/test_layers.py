@@ -93,7 +93,7 @@ def test_dense_conv_matches_autodiff(k, stride, pad, hw, path, monkeypatch):
 def test_small_map_convs_per_image_and_as_products(k, stride, hw):
     # Small maps (ResNet's 7×7 layer4 at 224²): as GFI runs them (the library), an image's
     # output and input gradient do not depend on the batch it is in (GFI's batched runs equal
-    # its single runs bit for bit); within `matrix_product_convs` (the attribution methods)
+    # its single runs bit for bit); within `matrix_product_convs` (opt-in for the methods)
     # they run as one matrix product, with the same values to round-off.
     mod = layers.conv(64, 96, k, stride=stride, pad=k // 2, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (6, hw, hw, 64))
