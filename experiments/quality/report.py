@@ -1,0 +1,146 @@
+"""Tables and the quality-against-cost figure of the offline benchmark, from stored rows only."""
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from experiments import common
+from experiments.quality import methods as M
+from experiments.quality import stats, tasks
+
+# metric -> (label, higher is better)
+METRICS = {"grid": {"energy": ("grid energy", True), "hit": ("grid hit", True)},
+           "image": {"deletion": ("deletion AUC", False), "insertion": ("insertion AUC", True),
+                     "road_morf": ("ROAD MoRF", False), "road_lerf": ("ROAD LeRF", True)}}
+
+
+def values(rows: dict[str, dict], metric: str, ids=None) -> np.ndarray:
+    ids = list(rows) if ids is None else ids
+    return np.array([rows[i]["scores"][metric] for i in ids], np.float64)
+
+
+def summary(task_rows: dict[str, dict], default: str, metric: str) -> dict[str, dict]:
+    """Per method: mean and CI, paired difference to `default` on the items both have (with
+    CI), and the rank among methods by mean (1: best)."""
+    higher = next(v[1] for t in METRICS.values() for k, v in t.items() if k == metric)
+    out = {}
+    for name, rows in task_rows.items():
+        if not rows:
+            continue
+        r = {"n": len(rows), "ci": stats.bootstrap_ci(values(rows, metric))}
+        base = task_rows.get(default, {})
+        both = [i for i in rows if i in base]
+        if name != default and both:
+            r["diff"] = stats.paired_ci(values(rows, metric, both), values(base, metric, both))
+            r["n_paired"] = len(both)
+        out[name] = r
+    means = {k: v["ci"][0] for k, v in out.items()}
+    for k, v in out.items():
+        v["rank"] = 1 + sum((m > means[k]) if higher else (m < means[k]) for m in means.values())
+    return out
+
+
+def _ci(c) -> str:
+    return f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]"
+
+
+def _diff(r: dict, higher: bool) -> str:
+    if "diff" not in r:
+        return "—"
+    d = r["diff"]
+    mark = ""
+    if stats.separated(d):
+        mark = " better" if (d[0] > 0) == higher else " worse"
+    return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]{mark}"
+
+
+def task_table(task: str, task_rows, default: str, costs, notes) -> list[str]:
+    metrics_ = METRICS[task]
+    sums = {m: summary(task_rows, default, m) for m in metrics_}
+    header = ["method", "n"]
+    for label, higher in metrics_.values():
+        arrow = "↑" if higher else "↓"
+        header += [f"{label} {arrow} (rank)", f"Δ {label} vs default"]
+    header += ["GFLOP / map", "s / map (median)", "settings"]
+    lines = []
+    for name, rows in task_rows.items():
+        if not rows:
+            lines.append([name, 0] + ["—"] * (2 * len(metrics_)) + [
+                f"{costs[name]:.3g}", "—", notes.get(name, "")])
+            continue
+        cells = [name, len(rows)]
+        for m, (label, higher) in metrics_.items():
+            r = sums[m][name]
+            cells += [f"{_ci(r['ci'])} ({r['rank']})", _diff(r, higher)]
+        secs = np.median([row["seconds"] for row in rows.values()])
+        cells += [f"{costs[name]:.3g}", f"{secs:.3g}", notes.get(name, "")]
+        lines.append(cells)
+    return common.table(header, lines)
+
+
+def markdown(args, model, specs, rows, costs, ds, items, figure_name: str) -> list[str]:
+    default = next(iter(specs))
+    notes = {name: M.reduced(*spec) for name, spec in specs.items()}
+    n_test = len(ds.indices(args.split))
+    out = [f"- split: **{args.split}** ({tasks.SPLIT_RULE}; {n_test} images of the "
+           f"{len(ds.x)}); tuning used the tune split only",
+           f"- model: {model.name} ({model.metadata.get('source', '?')}); input "
+           f"{ds.x.shape[1]}²",
+           "- means with 95% percentile-bootstrap intervals over items (10,000 resamples); "
+           "Δ: the paired difference to the first row, on the items both have, with its own "
+           "interval ('better'/'worse' where it excludes 0). (rank) is by mean among the rows "
+           "and means little where intervals overlap",
+           f"- store: `{Path(args.store).relative_to(common.ROOT) if Path(args.store).is_relative_to(common.ROOT) else args.store}` "
+           "(per-item scores; the tables are regenerated from it)",
+           "- GFLOP / map: analytic (convolutions and matmuls, an input gradient costed as one "
+           "forward); s / map: measured on the machine below, median over stored items "
+           "(the first batch includes compiling)", ""]
+    if "grid" in rows:
+        out += [f"## Grid pointing game ({len(items['grid'])} mosaics requested)", "",
+                f"2×2 mosaics of {args.split} images correct alone with p >= "
+                f"{args.min_confidence:g}, four classes, one random cell explained (chance "
+                "0.25). Mosaics share images, so the intervals are somewhat optimistic.", "",
+                *task_table("grid", rows["grid"], default, costs, notes), "",
+                f"![quality against cost]({figure_name})", ""]
+    if "image" in rows:
+        out += [f"## Deletion, insertion and ROAD ({len(items['image'])} images requested)", "",
+                f"Correctly classified {args.split} images. Deletion/insertion: {args.steps} "
+                "steps, blurred substrate (σ 5 px). ROAD: noisy linear imputation (noise σ "
+                f"{args.road_noise:g} in input units) at 10, 30, 50, 70, 90% of the pixels, "
+                "the mean probability over the levels.", "",
+                *task_table("image", rows["image"], default, costs, notes), ""]
+    return out
+
+
+def figure(path: Path, grid_rows: dict[str, dict], costs: dict[str, float], title: str) -> None:
+    """Grid energy (mean, 95% CI) against analytic GFLOPs per map, log scale, one point per
+    method; written through a temporary name."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
+    for name, rows in grid_rows.items():
+        if not rows:
+            continue
+        m, lo, hi = stats.bootstrap_ci(values(rows, "energy"))
+        x = max(costs[name], 1e-3)
+        color = "C3" if name.startswith("GFI") else "C0"
+        ax.errorbar([x], [m], yerr=[[m - lo], [hi - m]], fmt="o", color=color, capsize=3)
+        ax.annotate(f"{name} (n={len(rows)})", (x, m), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.axhline(0.25, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("analytic GFLOP per map (log scale)")
+    ax.set_ylabel("grid energy (95% CI)")
+    ax.set_title(f"Quality against cost: {title}\n"
+                 f"{datetime.date.today():%Y-%m-%d}; dashed: chance", fontsize=9)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=Path(path).parent)
+    os.close(fd)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
