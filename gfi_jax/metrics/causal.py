@@ -21,6 +21,15 @@ def make_substrate(images: np.ndarray, kind: str, blur_sigma: float = 5.0) -> np
     raise ValueError(f"substrate {kind!r} not understood; use 'blur' or 'zero'")
 
 
+def pixel_ranks(s: np.ndarray) -> np.ndarray:
+    """`(B, H, W)` rank of each pixel by decreasing value (0: the largest; ties row-major)."""
+    B, H, W = s.shape
+    order = np.argsort(-s.reshape(B, -1), axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(H * W)[None].repeat(B, 0), axis=1)
+    return rank.reshape(B, H, W)
+
+
 def auc(curves: np.ndarray) -> np.ndarray:
     """Trapezoid area under `(N, n+1)` curves sampled evenly on [0, 1]."""
     c = np.asarray(curves, np.float64)
@@ -41,20 +50,13 @@ def deletion_insertion(model: Callable, images, saliency, targets=None, mode: st
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode {mode!r} not understood; use 'deletion' or 'insertion'")
-    x = np.asarray(images, np.float32)
-    s = checks.saliency_maps(saliency)
-    if x.ndim != 4 or x.shape[:3] != s.shape:
-        raise ValueError(f"images {x.shape} and saliency {s.shape} must be (B, H, W, C) and "
-                         "(B, H, W) of the same B, H, W (upsample the maps to the images)")
+    x, s = checks.images_and_maps(images, saliency)
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
     B, H, W = s.shape
     base = make_substrate(x, substrate, blur_sigma)
     start, end = (x, base) if mode == "deletion" else (base, x)
-    order = np.argsort(-s.reshape(B, -1), axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(H * W)[None].repeat(B, 0), axis=1)
-    rank = rank.reshape(B, H, W, 1)
+    rank = pixel_ranks(s)[..., None]
     if targets is None:
         targets = np.asarray(model(x)).argmax(1)
     t = np.asarray(targets).reshape(-1)

@@ -59,3 +59,13 @@ def boxes(gt, n: int, hw: tuple[int, int]) -> list[np.ndarray]:
                              "frame; rescale them with the image)")
         out.append(b)
     return out
+
+
+def images_and_maps(images, saliency) -> tuple[np.ndarray, np.ndarray]:
+    """`(B, H, W, C)` float32 images and their `(B, H, W)` maps, or ValueError."""
+    x = np.asarray(images, np.float32)
+    s = saliency_maps(saliency)
+    if x.ndim != 4 or x.shape[:3] != s.shape:
+        raise ValueError(f"images {x.shape} and saliency {s.shape} must be (B, H, W, C) and "
+                         "(B, H, W) of the same B, H, W (upsample the maps to the images)")
+    return x, s

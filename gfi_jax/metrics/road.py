@@ -18,6 +18,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from gfi_jax.metrics import checks
+from gfi_jax.metrics.causal import pixel_ranks
 
 # (dy, dx) -> weight; the direct neighbours count twice the diagonal ones.
 NEIGHBOURS = (((0, 1), 1 / 6), ((0, -1), 1 / 6), ((1, 0), 1 / 6), ((-1, 0), 1 / 6),
@@ -91,11 +92,7 @@ def road(model: Callable, images, saliency, targets, order: str = "morf",
     """
     if order not in ("morf", "lerf"):
         raise ValueError(f"order {order!r} not understood; use 'morf' or 'lerf'")
-    x = np.asarray(images, np.float32)
-    s = checks.saliency_maps(saliency)
-    if x.ndim != 4 or x.shape[:3] != s.shape:
-        raise ValueError(f"images {x.shape} and saliency {s.shape} must be (B, H, W, C) and "
-                         "(B, H, W) of the same B, H, W (upsample the maps to the images)")
+    x, s = checks.images_and_maps(images, saliency)
     levels = tuple(float(p) for p in levels)
     if not levels or min(levels) < 0 or max(levels) >= 1:
         raise ValueError(f"levels must be fractions in [0, 1); got {levels}")
@@ -104,7 +101,7 @@ def road(model: Callable, images, saliency, targets, order: str = "morf",
     if t.shape != (B,):
         raise ValueError(f"targets must be one class per image ({B}); got shape {t.shape}")
     seeds = np.broadcast_to(np.asarray(seed, np.int64), (B,))
-    rank = _ranks(s if order == "morf" else -s)
+    rank = pixel_ranks(s if order == "morf" else -s)
     curves = np.empty((B, len(levels)))
     for k, p in enumerate(levels):
         n = int(np.ceil(p * H * W))
@@ -114,11 +111,3 @@ def road(model: Callable, images, saliency, targets, order: str = "morf",
         curves[:, k] = np.asarray(model(batch))[np.arange(B), t]
     return {"curves": curves, "score": curves.mean(1), "levels": levels}
 
-
-def _ranks(s: np.ndarray) -> np.ndarray:
-    """`(B, H, W)` rank of each pixel by decreasing value (0: the largest; ties row-major)."""
-    B, H, W = s.shape
-    order = np.argsort(-s.reshape(B, -1), axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(H * W)[None].repeat(B, 0), axis=1)
-    return rank.reshape(B, H, W)
