@@ -145,3 +145,26 @@ def test_summary_ranks_and_pairs():
     assert s["A"]["diff"] == pytest.approx((0.2, 0.2, 0.2)) and "diff" not in s["GFI default"]
     assert s["A"]["n_paired"] == 50
     json.dumps(s)
+
+
+def test_main_fills_then_reports_from_the_store_alone(tmp_path, monkeypatch, random_resnet18):
+    ds = _dataset(random_resnet18)
+    monkeypatch.setattr(B.tasks, "load", lambda model, folder, size=None: ds)
+    store = tmp_path / "store"
+    args = ["--split", "test", "--mosaics", "4", "--images", "3", "--steps", "4", "--batch", "2",
+            "--methods", "Grad,Center", "--gfi", "GFI short:preset=reference,stage1_steps=1,"
+            "stage2_steps=1", "--store", str(store), "--out", str(tmp_path / "q.md"), "--quiet"]
+    rows = B.main(args, model=random_resnet18)
+    assert set(rows["grid"]) == {"Grad", "Center", "GFI short"}
+    assert all(len(r) == 4 for r in rows["grid"].values())
+    assert all(len(r) == 3 for r in rows["image"].values())
+    centre = [r["scores"]["energy"] for r in rows["grid"]["Center"].values()]
+    np.testing.assert_allclose(centre, 0.25, atol=1e-6)   # symmetric: a quarter per cell
+    files = {p.name: p.read_bytes() for p in (store / random_resnet18.name).iterdir()}
+    again = B.main(args + ["--report-only"], model=random_resnet18)
+    assert again == rows       # the report comes from the store; nothing was recomputed
+    assert {p.name: p.read_bytes() for p in (store / random_resnet18.name).iterdir()} == files
+    text = (tmp_path / "q.md").read_text()
+    assert "python -m experiments.quality.offline_benchmark --split test" in text
+    assert "split: **test**" in text and "| Grad | 4 |" in text and "ROAD MoRF" in text
+    assert (tmp_path / "q.png").stat().st_size > 1000

@@ -91,38 +91,37 @@ def reduced(method: str, opts: dict) -> str:
     return ", ".join(f"{k}={v} (full: {full[k]})" for k, v in less.items())
 
 
-def passes(model, method: str, opts: dict, hw=(224, 224)) -> float:
-    """Analytic cost in clean forward passes F (an input gradient costs one F, as in
-    `gfi_jax.gfi.flops`): what one map costs."""
+def passes(model, method: str, opts: dict) -> float:
+    """Analytic cost of one baseline map in clean forward passes F (an input gradient costs
+    one F, as in `gfi_jax.gfi.flops`)."""
     cfg = resolved(model, method, opts)
     per = {"grad": 2, "guided_backprop": 2, "gradcam": 2, "cam": 1, "center": 0}
     if method in per:
         return float(per[method])
     if method == "smoothgrad":
         return 2.0 * cfg.samples + 1
-    if method == "integrated_gradients":
+    if method in ("integrated_gradients", "meaningful_perturbation"):
         return 2.0 * cfg.steps + 1
     if method == "rise":
         return cfg.masks + 1.0
-    if method == "meaningful_perturbation":
-        return 2.0 * cfg.steps + 1
-    if method == "gfi":
-        f = G.flops(model, cfg, hw, compile=False)
-        return f["analytic"] / f["forward"]
     raise ValueError(f"no cost model for method {method!r}")
 
 
-def gflops(model, method: str, opts: dict, hw=(224, 224)) -> float:
-    """Analytic GFLOPs per map: `passes` × the model's forward GFLOPs at `hw`."""
-    if method == "gfi":
-        cfg = resolved(model, method, opts)
-        return G.flops(model, cfg, hw, compile=False)["analytic"] / 1e9
-    return passes(model, method, opts, hw) * forward_gflops(model, hw)
-
-
-def forward_gflops(model, hw=(224, 224)) -> float:
-    cfg = G.resolve_layers(gfi_jax.preset("reference", arch=model.arch.name), model.arch)
-    return G.flops(model, cfg, hw, compile=False)["forward"] / 1e9
+def gflops(model, specs: dict[str, tuple[str, dict]], hw: tuple[int, int]) -> dict[str, float]:
+    """Analytic GFLOPs per map of every row: GFI's own count (`gfi_jax.gfi.flops`), the
+    baselines `passes` × the clean forward, which is counted once."""
+    out, forward = {}, None
+    for name, (method, opts) in specs.items():
+        if method == "gfi":
+            f = G.flops(model, resolved(model, method, opts), hw, compile=False)
+            out[name], forward = f["analytic"] / 1e9, f["forward"] / 1e9
+    if forward is None and any(m != "gfi" for m, _ in specs.values()):
+        cfg = G.resolve_layers(gfi_jax.preset("reference", arch=model.arch.name), model.arch)
+        forward = G.flops(model, cfg, hw, compile=False)["forward"] / 1e9
+    for name, (method, opts) in specs.items():
+        if method != "gfi":
+            out[name] = passes(model, method, opts) * forward
+    return out
 
 
 def probe_maps(model, method: str, opts: dict) -> np.ndarray:

@@ -189,14 +189,21 @@ def main(argv=None, model=None) -> dict:
                    for name, spec in specs.items()} for task in wanted}
     out = Path(args.out or common.RESULTS / f"quality_{model.name}_{args.split}.md")
     figure = Path(args.figure or out.with_suffix(".png"))
-    costs = {name: M.gflops(model, *spec) for name, spec in specs.items()}
+    costs = M.gflops(model, specs, ds.x.shape[1:3])
     lines = report.markdown(args, model, specs, rows, costs, ds, items, figure.name)
     common.write_results(out, f"Offline quality benchmark: {model.name}, {args.split} split",
-                         lines, common.command("quality/offline_benchmark.py", argv))
+                         lines, command(argv))
     if "grid" in rows:
         report.figure(figure, rows["grid"], costs, f"{model.name}, {args.split} split")
     log(f"wrote {out} ({(time.time() - t_start) / 60:.1f} min)")
     return rows
+
+
+def command(argv) -> str:
+    """This run's command line (argv None: the process's own), as a module run from the root."""
+    import shlex
+    return " ".join(["python -m experiments.quality.offline_benchmark",
+                     *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
 def collect(store: Store, model, ds, name: str, spec, items, task: str, args) -> dict[str, dict]:
