@@ -133,6 +133,12 @@ def test_probe_refuses_changed_maps_under_one_code_version(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="bump"):
         B.check_probe(store, model, "Grad", "grad", {}, "1", 1e-3)
     B.check_probe(store, model, "Grad", "grad", {}, "2", 1e-3)       # a new version: fine
+    monkeypatch.setattr(B, "numerics", lambda: "another-machine")
+    B.check_probe(store, model, "Grad", "grad", {}, "1", 1e-3)       # other rounding: its own
+
+
+def test_numerics_tag_is_stable_and_short():
+    assert B.numerics() == B.numerics() and len(B.numerics()) == 12
 
 
 def test_summary_ranks_and_pairs():

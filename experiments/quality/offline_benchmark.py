@@ -151,8 +151,13 @@ def fill(model, ds, store: Store, name: str, spec, items, task: str, args, log,
 def check_probe(store: Store, model, name: str, method: str, opts: dict, code: str,
                 tolerance: float) -> None:
     """Refuses to add rows when the method's maps on the probe input moved under an unchanged
-    code version (a change that forgot to bump `methods.CODE_VERSIONS`)."""
-    key = f"{name}|{config_hash([method, opts])}|{code}"
+    code version (a change that forgot to bump `methods.CODE_VERSIONS`).
+
+    Probes are compared within one numerical platform only (`numerics`): XLA:CPU compiles for
+    the host's vector units, and GFI's optimization amplifies the last-bit differences, so the
+    same code gives the default preset's probe a Pearson of 0.87 between an AVX2 and an
+    AVX-512 machine. Rows from several machines are pooled, as samples of the same method."""
+    key = f"{name}|{config_hash([method, opts])}|{code}|{numerics()}"
     now = M.probe_maps(model, method, opts)
     old = store.probe(key)
     if old is None:
@@ -165,6 +170,19 @@ def check_probe(store: Store, model, name: str, method: str, opts: dict, code: s
                          f"(relative) under code version {code!r}; bump "
                          f"CODE_VERSIONS[{method!r}] in experiments/quality/methods.py, or pass "
                          "--probe-tolerance if the difference is the platform's rounding")
+
+
+def numerics() -> str:
+    """A short tag of what decides a program's rounding: jax/jaxlib, backend, device kind and,
+    on CPU, the host's vector extensions (which XLA:CPU compiles for)."""
+    import jaxlib
+    dev = jax.devices()[0]
+    simd = ""
+    if dev.platform == "cpu" and Path("/proc/cpuinfo").is_file():
+        flags = next((ln.split(":", 1)[1].split() for ln in
+                      Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), [])
+        simd = ",".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse"))))
+    return config_hash([jax.__version__, jaxlib.__version__, dev.platform, dev.device_kind, simd])
 
 
 # ----------------------------------------------------------------------------- main
