@@ -1,4 +1,8 @@
-"""What the paper-experiment scripts share: flags, image batches, the results file."""
+"""What the experiment scripts share: flags, image batches, the results file.
+
+The scripts are modules of the `experiments` package, run from the repo root as
+`python -m experiments.paper.runtime ...`; results go to `RESULTS` (experiments/results/).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +10,6 @@ import datetime
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -86,10 +89,11 @@ def machine() -> str:
     return f"{platform.node()}, {cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {dev.platform} ({dev.device_kind})"
 
 
-def command(script: str, argv: Sequence[str] | None) -> str:
-    """The command line that ran `script` (argv None: this process's own)."""
+def command(module: str, argv: Sequence[str] | None) -> str:
+    """The command line that ran the script `module` ("experiments.paper.runtime"), from the
+    repo root (argv None: this process's own)."""
     import shlex
-    return " ".join(["python", f"experiments/{script}",
+    return " ".join(["python", "-m", module,
                      *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
@@ -104,8 +108,5 @@ def write_results(path: str | Path | None, title: str, lines: Sequence[str],
     text = "\n".join([f"# {title}", "", f"- command: `{cmd}`", f"- machine: {machine()}",
                       f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
                       "", *lines, ""])
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".md", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    from gfi_jax.files import atomic_write_text
+    return atomic_write_text(path, text)

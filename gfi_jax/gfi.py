@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
+import operator
+import types
+import typing
 from typing import Any, Callable, Literal, Sequence
 
 import jax
@@ -68,6 +73,69 @@ class Config:
     seed: int = 0                          # for the noise background
     trace_omega: bool = False              # also return ω after every step (N, steps, C)
 
+    def __post_init__(self):
+        # A value outside a field's type or range would otherwise silently take some other
+        # branch of the program (an unknown `normalize` normalizes as "max", and so on).
+        for name, tp in _field_types().items():
+            value = getattr(self, name)
+            if not _matches(value, tp):
+                raise ValueError(f"Config.{name}={value!r}: expected {_describe(tp)}")
+        for name, (op, bound) in _RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not _OPS[op](value, bound):
+                raise ValueError(f"Config.{name}={value!r}: must be {op} {bound}")
+        lo, hi = self.omega_min, self.omega_max
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"Config.omega_min={lo!r} > omega_max={hi!r}: the projection's "
+                             "lower bound must not exceed its upper bound")
+
+
+# The range of each number whose type alone admits nonsense (None, an unset bound, is exempt).
+# lr = 0 is allowed: it keeps ω at omega_init (the tests read the first losses that way).
+_RANGES = {"stage1_steps": (">=", 0), "stage2_steps": (">=", 0), "lr": (">=", 0),
+           "lr_decay": (">", 0), "lr_every": (">=", 1), "adam_eps": (">", 0),
+           "gamma": (">=", 0), "lam": (">=", 0), "delta": (">=", 0), "area": (">=", 0),
+           "blur_sigma": (">", 0)}
+_OPS = {">=": operator.ge, ">": operator.gt}
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Config's annotations as types (they are strings under `from __future__ import
+    annotations`): the one place the choices of every `Literal` field are written."""
+    return typing.get_type_hints(Config)
+
+
+def _matches(value, tp) -> bool:
+    """Whether `value` is of the field type `tp`: a Literal's choices, a union, None, bool,
+    int (not bool) or a finite real number (int or float, not bool), str."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if tp is int:
+        return isinstance(value, numbers.Integral)
+    if tp is float:
+        return isinstance(value, numbers.Real) and math.isfinite(value)
+    return isinstance(value, tp)
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    return {type(None): "None", bool: "True or False", int: "an int",
+            float: "a finite number"}.get(tp, getattr(tp, "__name__", str(tp)))
+
 
 PRESETS = {
     # The released code's behaviour (../shared/paper/authors-code-behaviour.md).
@@ -94,19 +162,19 @@ PRESETS = {
     # EfficientNet-Lite0's default: `contrastive_lite0` with the normalization's min and max
     # detached from the gradient, plus a small mask-area term. The exact gradient through
     # the arg-max pixel made the result follow last-bit changes (bfloat16 against float32:
-    # median mask Pearson 0.883, worst 0.439 on 8 images); detached: 0.992 and 0.907, with
-    # the grid game kept (energy 0.610 against 0.618) and deletion and insertion worse
-    # (0.222 against 0.205, 0.619 against 0.676) (experiments/results/offline_tuning.md,
-    # Run 5).
+    # median mask Pearson 0.883; detached 0.992), at some cost in deletion and insertion
+    # (experiments/results/offline_tuning.md, Run 5).
     "detached_lite0": Config(name="detached_lite0", log_keep=True, l1="head+blocks.11.expand",
                              combine="product", norm_grad="detach", area=1.0),
 }
 
 
-# The preset `explain` uses when none is given, per architecture: the winner of the offline
-# benchmark where one was tuned (only EfficientNet-Lite0 has real weights here), else the
-# released code's behaviour.
-DEFAULT_PRESETS = {"efficientnet_lite0": "detached_lite0"}
+# The preset `explain` uses when none is given, per architecture: the `preset` field of its
+# registry record (the winner of the offline benchmark where one was tuned, so far only
+# EfficientNet-Lite0's, else the released code's behaviour); this dict is a view by name.
+from gfi_jax.models import ARCHS as _ARCHS  # noqa: E402  (the records import nothing of gfi)
+
+DEFAULT_PRESETS = {name: a.preset for name, a in _ARCHS.items()}
 
 
 def default_preset(arch: str) -> str:
@@ -133,6 +201,79 @@ def preset(name: str | Config | None = "reference", *, arch: str | None = None,
 
 
 _preset = preset  # `explain` takes an argument named `preset`
+
+
+# `--set KEY=VALUE` for the command lines (gfi-jax explain / run), typed by the fields of
+# `Config` (or of another method's config dataclass).
+def parse_overrides(pairs: Sequence[str], fields: type | None = None) -> dict[str, Any]:
+    """`["stage1_steps=2", "omega_max=none"]` -> `{"stage1_steps": 2, "omega_max": None}`,
+    each value parsed as its field's annotation says (int, float, bool, str, a Literal's
+    choices; `none` -> None only where the field allows None). `fields`: the config
+    dataclass (default `Config`). ValueError, one line, for a malformed pair, an unknown
+    key (naming the valid ones) or a bad value (naming what the field takes)."""
+    import typing
+
+    fields = fields or Config
+    hints = typing.get_type_hints(fields)
+    names = [f.name for f in dataclasses.fields(fields)]
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: write KEY=VALUE, e.g. --set stage2_steps=20")
+        if key not in names:
+            what = "GFI config" if fields is Config else fields.__name__
+            raise ValueError(f"--set {key}: unknown {what} field; valid keys: {', '.join(names)}")
+        try:
+            out[key] = _parse_field_value(text, hints[key])
+        except ValueError:
+            raise ValueError(f"--set {key}={text}: expected {_type_name(hints[key])}") from None
+    return out
+
+
+def _parse_field_value(text: str, tp) -> Any:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _parse_field_value(text, a)
+                except ValueError:
+                    pass
+        raise ValueError(text)
+    if origin is typing.Literal:
+        if text in args:
+            return text
+        raise ValueError(text)
+    if tp is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    if tp in (int, float, str):
+        return tp(text)
+    raise ValueError(text)  # e.g. a tuple field: not settable from a command line
+
+
+def _type_name(tp) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
+    if tp is bool:
+        return "true or false"
+    return getattr(tp, "__name__", str(tp))
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -229,8 +370,6 @@ def _weighted_sums(omega: jax.Array, f_l1: jax.Array, cfg: Config,
                    splits: tuple[int, ...]) -> list[jax.Array]:
     """Σᵢ ωᵢ fᵢ `(N, h, w)`: one map, or with `combine="product"` one per l1 layer (`splits`:
     each layer's channel count in f^{l1})."""
-    if cfg.combine not in ("sum", "product"):
-        raise ValueError(f"combine {cfg.combine!r} must be 'sum' or 'product'")
     hi = jax.lax.Precision.HIGHEST
     if cfg.combine == "sum" or len(splits) < 2:
         return [jnp.einsum("nhwc,nc->nhw", f_l1, omega, precision=hi)]
@@ -305,6 +444,11 @@ def _blend_bwd(res, g):
 
 
 blend.defvjp(_blend_fwd, _blend_bwd)
+
+
+def blend_bg(x: jax.Array, p: jax.Array, m: jax.Array) -> jax.Array:
+    """Φ_bg(x, m) = x⊙(1−m) + p⊙m (Eq. 4): Φ with the complement mask."""
+    return blend(x, p, 1.0 - m)
 
 
 # ----------------------------------------------------------------------------- backgrounds
@@ -413,98 +557,190 @@ def gfi(features: Features, params: Any, images: jax.Array, targets: jax.Array,
     return jax.tree.map(lambda a: a.reshape(B * K, *a.shape[2:]), out)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """What the losses hold fixed, one row per image (stage 1) or per (image, target)
+    (stage 2): the model, x and p `(N, H, W, 3)` in the accumulation dtype, the mask basis
+    f^{l1}(x) `(N, h, w, C)` and each l1 layer's channel count in it (`splits`)."""
+    features: Features
+    params: Any
+    x: jax.Array
+    p: jax.Array
+    f1: jax.Array
+    splits: tuple[int, ...]
+    cfg: Config
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return self.x.shape[1:3]
+
+    def repeat(self, k: int) -> Problem:
+        """Each row k times, in order: a row per (image, target) for stage 2."""
+        return dataclasses.replace(self, x=_repeat(self.x, k), p=_repeat(self.p, k),
+                                   f1=_repeat(self.f1, k))
+
+
+def _repeat(a: jax.Array, k: int) -> jax.Array:
+    """`(B, …) -> (B·k, …)`, each row k times; scalars (Adam's step count) as they are."""
+    return a if a.ndim == 0 else jnp.repeat(a, k, axis=0)
+
+
+def clean_features(features: Features, params: Any, x: jax.Array,
+                   cfg: Config) -> tuple[jax.Array, jax.Array, tuple[int, ...], jax.Array]:
+    """One forward of the clean images x: f^{l0}(x), the mask basis f^{l1}(x) (constants of
+    the optimization: only ω is differentiated), each l1 layer's channel count in the
+    basis, and the logits."""
+    l0, l1 = cfg.l0, tuple(cfg.l1.split("+"))
+    clean = features(params, x, tuple(dict.fromkeys((l0, *l1, "logits"))))
+    f0 = jax.lax.stop_gradient(clean[l0]).astype(x.dtype)
+    f1 = jax.lax.stop_gradient(basis([clean[n].astype(x.dtype) for n in l1], cfg.align_corners))
+    return f0, f1, tuple(clean[n].shape[-1] for n in l1), clean["logits"]
+
+
+def inversion_error(f: jax.Array, f0: jax.Array, f0_norm: jax.Array, how: str) -> jax.Array:
+    """‖f^{l0}(Φ) − f^{l0}(x)‖² per image ("sum"), or over ‖f^{l0}(x)‖² ("relative"; an
+    all-zero f^{l0}(x) divides by 1)."""
+    err = _sumsq(f - f0)
+    if how == "relative":
+        err = err / jnp.where(f0_norm > 0, f0_norm, 1.0)
+    return err
+
+
+def inversion_loss(omega: jax.Array, problem: Problem, f0: jax.Array,
+                   f0_norm: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Stage 1, L_inversion (Eq. 8): inversion error at l0 + γ·penalty(ω), per image.
+    Returns the sum (what is differentiated: each image's gradient is its own) and the
+    per-image losses."""
+    pb, cfg = problem, problem.cfg
+    phi = blend(pb.x, pb.p, mask(omega, pb.f1, pb.hw, cfg, pb.splits))
+    f = pb.features(pb.params, phi, (cfg.l0,))[cfg.l0].astype(f0.dtype)
+    per = (inversion_error(f, f0, f0_norm, cfg.inversion_error)
+           + cfg.gamma * penalty(omega, cfg.stage1_penalty))
+    return per.sum(), per
+
+
+def target_logits(omega: jax.Array,
+                  problem: Problem) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The logits of Φ and of Φ_bg `(N, classes)`, from one forward of a 2N batch, and m."""
+    pb = problem
+    m = mask(omega, pb.f1, pb.hw, pb.cfg, pb.splits)
+    both = jnp.concatenate([blend(pb.x, pb.p, m), blend_bg(pb.x, pb.p, m)])
+    z = pb.features(pb.params, both, ("logits",))["logits"]
+    n = pb.x.shape[0]
+    return z[:n], z[n:], m
+
+
+def target_loss(omega: jax.Array, problem: Problem,
+                c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Stage 2, L_target (Eq. 9): −f_c(Φ) + λ·f_c(Φ_bg) + δ·penalty(ω) (+ area·mean(m)), per
+    (image, target); the sum and the per-row losses, as `inversion_loss`.
+
+    log_keep / log_suppress: the log of a probability keeps a gradient when c holds little
+    of the softmax (other objects in the scene take the mass), where the probability's own
+    gradient vanishes with it. area: the normalized mask is invariant to the scale of ω, so
+    the penalty on ω cannot make the mask small; mean(m) can (as in Fong & Vedaldi's mask
+    area term)."""
+    cfg = problem.cfg
+    z_fg, z_bg, m = target_logits(omega, problem)
+    keep = class_score(z_fg, c, cfg.score, log=cfg.log_keep)
+    drop = class_score(z_bg, c, cfg.score, log=cfg.log_suppress)
+    per = -keep + cfg.lam * drop + cfg.delta * penalty(omega, cfg.stage2_penalty)
+    if cfg.area:
+        h, w = problem.hw
+        per = per + cfg.area * rowdot(m, jnp.ones_like(m)) / (h * w)
+    return per.sum(), per
+
+
+def descent_step(loss: Callable, opt: optax.GradientTransformation, trace: bool, carry, _):
+    """One optimizer step on `loss(ω) -> (sum, per row)`: (ω, state) -> (ω, state) after the
+    step, and as the step's outputs the per-row loss before it (and ω after it, with
+    `trace`)."""
+    omega, state = carry
+    (_, per), g = jax.value_and_grad(loss, has_aux=True)(omega)
+    updates, state = opt.update(g, state, omega)
+    omega = optax.apply_updates(omega, updates)
+    return (omega, state), (per, omega if trace else None)
+
+
+def descend(loss: Callable, opt: optax.GradientTransformation, omega: jax.Array, state,
+            steps: int, trace: bool, unroll: bool):
+    """`steps` descent steps in a `lax.scan`: ((ω, state), (losses, ω's or None)), the
+    outputs stacked steps first."""
+    return jax.lax.scan(functools.partial(descent_step, loss, opt, trace), (omega, state),
+                        None, length=steps, unroll=unroll)
+
+
+def stage1(problem: Problem, f0: jax.Array, opt: optax.GradientTransformation,
+           unroll: bool = False):
+    """Alg. 1 once per image: ω from omega_init, `stage1_steps` steps on L_inversion."""
+    cfg = problem.cfg
+    f0_norm = _sumsq(f0)
+    omega = jnp.full((problem.x.shape[0], problem.f1.shape[-1]), cfg.omega_init,
+                     problem.x.dtype)
+    loss = functools.partial(inversion_loss, problem=problem, f0=f0, f0_norm=f0_norm)
+    return descend(loss, opt, omega, opt.init(omega), cfg.stage1_steps, cfg.trace_omega, unroll)
+
+
+def stage2(problem: Problem, c: jax.Array, omega: jax.Array, state,
+           opt: optax.GradientTransformation, unroll: bool = False):
+    """Alg. 2 once per (image, target): from stage 1's ω (and Adam state, unless
+    `restart_stage2`), `stage2_steps` steps on L_target for class c."""
+    cfg = problem.cfg
+    loss = functools.partial(target_loss, problem=problem, c=c)
+    return descend(loss, opt, omega, state, cfg.stage2_steps, cfg.trace_omega, unroll)
+
+
 def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.Array,
                p: jax.Array | None, cfg: Config, unroll: bool = False) -> dict[str, jax.Array]:
-    l0, l1 = cfg.l0, tuple(cfg.l1.split("+"))
-    B, H, W, _ = images.shape
-    K = targets.shape[1]
-    acc = accumulation_dtype(images.dtype)
-    images = images.astype(acc)
-    p = background(images, cfg) if p is None else p.astype(acc)
-    clean = features(params, images, tuple(dict.fromkeys((l0, *l1, "logits"))))
-    f0 = jax.lax.stop_gradient(clean[l0]).astype(acc)
-    f1 = jax.lax.stop_gradient(basis([clean[n].astype(acc) for n in l1], cfg.align_corners))
-    splits = tuple(clean[n].shape[-1] for n in l1)
-    targets = resolve_targets(clean["logits"], targets)
+    k = targets.shape[1]
+    x = images.astype(accumulation_dtype(images.dtype))
+    p = background(x, cfg) if p is None else p.astype(x.dtype)
+    f0, f1, splits, logits = clean_features(features, params, x, cfg)
+    targets = resolve_targets(logits, targets)
     s1, s2 = schedules(cfg)
     opt1 = optimizer(cfg, s1)
     opt2 = optimizer(cfg, s2) if cfg.restart_stage2 else opt1
-    f0_norm = _sumsq(f0)
+    problem = Problem(features, params, x, p, f1, splits, cfg)
+    (omega, state), (trace1, omegas1) = stage1(problem, f0, opt1, unroll)
 
-    def loss1(omega):
-        phi = blend(images, p, mask(omega, f1, (H, W), cfg, splits))
-        err = _sumsq(features(params, phi, (l0,))[l0].astype(acc) - f0)
-        if cfg.inversion_error == "relative":
-            err = err / jnp.where(f0_norm > 0, f0_norm, 1.0)
-        per = err + cfg.gamma * penalty(omega, cfg.stage1_penalty)
-        return per.sum(), per
+    # Stage 2 runs per (image, target): repeat each image's stage-1 result k times.
+    problem, c = problem.repeat(k), targets.reshape(-1)
+    omega = _repeat(omega, k)
+    state = opt2.init(omega) if cfg.restart_stage2 else jax.tree.map(
+        functools.partial(_repeat, k=k), state)
+    (omega, _), (trace2, omegas2) = stage2(problem, c, omega, state, opt2, unroll)
+    return _outputs(problem, c, omega, logits, k, (trace1, omegas1), (trace2, omegas2))
 
-    def step(loss, opt):
-        def body(carry, _):
-            omega, state = carry
-            (_, per), g = jax.value_and_grad(loss, has_aux=True)(omega)
-            updates, state = opt.update(g, state, omega)
-            omega = optax.apply_updates(omega, updates)
-            return (omega, state), (per, omega if cfg.trace_omega else None)
-        return body
 
-    omega = jnp.full((B, f1.shape[-1]), cfg.omega_init, acc)
-    (omega, state), (trace1, omegas1) = jax.lax.scan(
-        step(loss1, opt1), (omega, opt1.init(omega)), None, length=cfg.stage1_steps,
-        unroll=unroll)
-
-    # Stage 2 runs per (image, target): repeat each image's stage-1 result K times.
-    rep = lambda a: a if a.ndim == 0 else jnp.repeat(a, K, axis=0)  # noqa: E731
-    x, pn, f1n, c = rep(images), rep(p), rep(f1), targets.reshape(-1)
-    omega = rep(omega)
-    state = opt2.init(omega) if cfg.restart_stage2 else jax.tree.map(rep, state)
-
-    def logits2(omega):
-        m = mask(omega, f1n, (H, W), cfg, splits)
-        both = jnp.concatenate([blend(x, pn, m), blend(x, pn, 1.0 - m)])  # Φ and Φ_bg
-        z = features(params, both, ("logits",))["logits"]
-        return z[:B * K], z[B * K:], m
-
-    def scores(omega):
-        z_fg, z_bg, _ = logits2(omega)
-        return class_score(z_fg, c, cfg.score), class_score(z_bg, c, cfg.score)
-
-    def loss2(omega):
-        # log_keep / log_suppress: the log of a probability keeps a gradient when c holds
-        # little of the softmax (other objects in the scene take the mass), where the
-        # probability's own gradient vanishes with it.
-        # area: the normalized mask is invariant to the scale of ω, so the penalty on ω cannot
-        # make the mask small; mean(m) can (as in Fong & Vedaldi's mask area term).
-        z_fg, z_bg, m = logits2(omega)
-        keep = class_score(z_fg, c, cfg.score, log=cfg.log_keep)
-        drop = class_score(z_bg, c, cfg.score, log=cfg.log_suppress)
-        per = -keep + cfg.lam * drop + cfg.delta * penalty(omega, cfg.stage2_penalty)
-        if cfg.area:
-            per = per + cfg.area * rowdot(m, jnp.ones_like(m)) / (H * W)
-        return per.sum(), per
-
-    (omega, _), (trace2, omegas2) = jax.lax.scan(step(loss2, opt2), (omega, state), None,
-                                                 length=cfg.stage2_steps, unroll=unroll)
-    s_fg, s_bg = scores(omega)
+def _outputs(problem: Problem, c: jax.Array, omega: jax.Array, logits: jax.Array, k: int,
+             stage1_out, stage2_out) -> dict[str, jax.Array]:
+    """The program's results per (image, target) from the final ω, the clean images' logits
+    and both stages' traces (stage 1's per image: each repeated k times)."""
+    cfg = problem.cfg
+    (trace1, omegas1), (trace2, omegas2) = stage1_out, stage2_out
+    z_fg, z_bg, _ = target_logits(omega, problem)
+    s_fg, s_bg = class_score(z_fg, c, cfg.score), class_score(z_bg, c, cfg.score)
     extra = {}
     if cfg.trace_omega:  # scan stacks steps first: (steps, N, C) -> (N, steps, C)
         extra["omega_trace"] = jnp.concatenate(
-            [rep(omegas1.transpose(1, 0, 2)), omegas2.transpose(1, 0, 2)], axis=1)
+            [_repeat(omegas1.transpose(1, 0, 2), k), omegas2.transpose(1, 0, 2)], axis=1)
     return extra | {
         "omega": omega,
-        "mask": mask(omega, f1n, (H, W), cfg, splits),
-        "mask_l1": mask_l1(omega, f1n, cfg, splits),
+        "mask": mask(omega, problem.f1, problem.hw, cfg, problem.splits),
+        "mask_l1": mask_l1(omega, problem.f1, cfg, problem.splits),
         "target": c,
-        "score": class_score(rep(clean["logits"]), c, cfg.score),
+        "score": class_score(_repeat(logits, k), c, cfg.score),
         "score_masked": s_fg,
         "score_background": s_bg,
-        "loss_trace": jnp.concatenate([rep(trace1.T), trace2.T], axis=1),
+        "loss_trace": jnp.concatenate([_repeat(trace1.T, k), trace2.T], axis=1),
     }
 
 
 @functools.lru_cache(maxsize=64)
 def compiled(features: Features, cfg: Config, sequential: bool = False) -> Callable:
-    """The jitted program for one (model, config); jit caches per input shape."""
+    """The jitted program for one (model, config); jit caches per input shape. `features`
+    stands for the model and its layer kernels (`LoadedModel.kernels`, fixed in its graphdef),
+    so a model with other kernels is another key."""
     return jax.jit(functools.partial(gfi, features, cfg=cfg, sequential=sequential))
 
 
@@ -650,13 +886,13 @@ def flops(model, cfg: Config, hw: tuple[int, int] = (224, 224),
     (exactly linear) step dependence is extrapolated to the configured step counts.
     compile=False reads the cost analysis of the lowered (unoptimized) program instead:
     no compile, which matters on accelerators, where compiling is slow.
-    Both count the program as accelerators run it: on CPU the depthwise convolutions run as
-    shifted products (`models.layers.conv_general_dilated`), whose stride-2 input gradient also
-    multiplies the zeros of the dilated cotangent (+19% FLOPs on EfficientNet-Lite0).
+    Both count the program as accelerators run it: its depthwise convolutions are traced as
+    XLA's grouped convolution (with CPU kernels they run as shifted products,
+    `models.cpu_kernels.depthwise_conv`, whose stride-2 input gradient also multiplies the
+    zeros of the dilated cotangent, FLOPs the accelerators do not spend).
     """
-    from gfi_jax.models.layers import grouped_depthwise
-    with grouped_depthwise():
-        return _flops(model, cfg, hw, compile)
+    grouped = dataclasses.replace(model.kernels, depthwise=False)
+    return _flops(model.with_kernels(grouped), cfg, hw, compile)
 
 
 def _flops(model, cfg: Config, hw: tuple[int, int], compile: bool) -> dict[str, float]:

@@ -17,10 +17,11 @@ import base64
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
+
+from gfi_jax.files import atomic_write_text, atomic_writer
 
 THUMB_HEIGHT = 120
 
@@ -37,15 +38,12 @@ def _escape_json(obj) -> str:
 def _thumbnail(src: Path, dst: Path) -> bool:
     """Writes a JPEG thumbnail of an overlay PNG (THUMB_HEIGHT pixels high); False if the
     PNG is unreadable."""
-    from gfi_jax.viz import publish
     try:
         with Image.open(src) as img:
             img = img.convert("RGB")
             img.thumbnail((THUMB_HEIGHT * 8, THUMB_HEIGHT), Image.BILINEAR)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jpg", dir=dst.parent)
-            with os.fdopen(fd, "wb") as f:
+            with atomic_writer(dst) as f:
                 img.save(f, format="JPEG", quality=80)
-            publish(tmp, dst)
         return True
     except (OSError, ValueError):
         return False
@@ -108,13 +106,7 @@ def write_report(out_dir: str | os.PathLike, page_size: int = 100, thumbs: bool 
     digest = base64.b64encode(hashlib.sha256(_SCRIPT.encode("utf-8")).digest()).decode()
     html = (_PAGE.replace("@@HASH@@", f"sha256-{digest}").replace("@@SCRIPT@@", _SCRIPT)
             .replace("@@DATA@@", _escape_json(data)))
-    path = out / "index.html"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".html", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(html)
-    from gfi_jax.viz import publish
-    publish(tmp, path)
-    return path
+    return atomic_write_text(out / "index.html", html)
 
 
 _PAGE = """<!DOCTYPE html>

@@ -23,7 +23,6 @@ image alone; on accelerators images are batched per device (faster, equal up to 
 from __future__ import annotations
 
 import argparse
-import ast
 import concurrent.futures
 import dataclasses
 import json
@@ -31,14 +30,17 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from gfi_jax.files import atomic_write_bytes, atomic_write_json
+from gfi_jax.frontend import (DEFAULT_MODEL, Progress, check_weights, default_sequential,
+                              mean_background)
 
 FORMAT = "gfi_jax.run/1"
 FAULT_ENV = "GFI_JAX_RUN_FAULT"   # test hook: "after_chunk:N", "torn_chunk:N", "torn_records:N"
@@ -85,14 +87,6 @@ def inputs(images: str | os.PathLike | None, list_file: str | os.PathLike | None
     return names, [str(base / Path(n).expanduser()) for n in names], labels
 
 
-def parse_value(text: str) -> Any:
-    """`--set` values: Python literals (1, 0.5, True, None, 'x'), else the plain string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 # ----------------------------------------------------------------------------- records
 def records_path(out: Path, process: int) -> Path:
     return out / f"records-{process:05d}.jsonl"
@@ -111,42 +105,63 @@ def read_records(path: Path) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def chunk_rows(c: int, rows: int, n: int) -> range:
     return range(c * rows, min((c + 1) * rows, n))
 
 
-def done_chunks(out: Path, rows: int, n: int, processes: int, process: int) -> set[int]:
-    """Chunks all of whose records exist (in any writer's file). Rewrites this process's own
-    file without torn or partial-chunk lines, so that redoing a chunk cannot duplicate one."""
-    done = set()
-    for q in range(processes):
-        path = records_path(out, q)
-        recs = read_records(path)
-        by_chunk: dict[int, dict[int, dict]] = {}
-        for r in recs:
-            by_chunk.setdefault(r["index"] // rows, {})[r["index"]] = r
-        complete = {c for c, got in by_chunk.items()
-                    if set(got) == set(chunk_rows(c, rows, n))}
-        done |= complete
-        if q == process and path.is_file():
-            keep = [r for r in recs if r["index"] // rows in complete]
-            data = b"".join(_record_line(r) for r in keep)
-            if data != path.read_bytes():
-                _write_atomic(path, data)
-    return done
+def complete_chunks(records: Iterable[dict], rows: int, n: int) -> set[int]:
+    """Chunks of one writer's records all of whose rows have a record: those are done (the
+    masks of a chunk are written before its records, so its masks are there too)."""
+    by_chunk: dict[int, set[int]] = {}
+    for r in records:
+        by_chunk.setdefault(r["index"] // rows, set()).add(r["index"])
+    return {c for c, got in by_chunk.items() if got == set(chunk_rows(c, rows, n))}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePlan:
+    """What one process does in a (re)started run. The global batches are the same on every
+    process (each computes them from all record files), so all step through them together."""
+    done: frozenset[int]                  # chunks already done (by any writer)
+    batches: tuple[int, ...]              # global batches with any chunk not done
+    chunks: tuple[int, ...]               # this process's chunk of each (≥ chunk count: padding)
+    write: tuple[bool, ...]               # per chunk: write it (False: done already, or padding)
+    skipped: int                          # this process's inputs done by an earlier call
+    items: tuple[tuple[int, str], ...]    # (index, path) per row to decode; (-1, "") pads
+
+
+def plan_resume(records: Sequence[Iterable[dict]], paths: Sequence[str], rows: int,
+                processes: int, process: int) -> ResumePlan:
+    """The plan for `paths` cut into chunks of `rows`, given each writer's records so far
+    (`records[q]`: the complete lines of process q's file). Pure: reads and writes nothing."""
+    n = len(paths)
+    nchunks = math.ceil(n / rows)
+    done = frozenset().union(*(complete_chunks(r, rows, n) for r in records))
+    batches = tuple(b for b in range(math.ceil(nchunks / processes))
+                    if any(c not in done for c in range(b * processes,
+                                                        min((b + 1) * processes, nchunks))))
+    chunks = tuple(b * processes + process for b in batches)
+    items: list[tuple[int, str]] = []
+    for c in chunks:
+        real = [(i, paths[i]) for i in chunk_rows(c, rows, n)] if c < nchunks else []
+        items += real + [(-1, "")] * (rows - len(real))
+    return ResumePlan(
+        done=done, batches=batches, chunks=chunks,
+        write=tuple(c < nchunks and c not in done for c in chunks),
+        skipped=sum(len(chunk_rows(c, rows, n)) for c in range(process, nchunks, processes)
+                    if c in done),
+        items=tuple(items))
+
+
+def drop_incomplete_records(path: Path, records: list[dict], rows: int, n: int) -> None:
+    """Rewrites this process's records file without torn lines or the lines of chunks left
+    half written, so that redoing those chunks cannot give an input two records."""
+    if not path.is_file():
+        return
+    complete = complete_chunks(records, rows, n)
+    data = b"".join(_record_line(r) for r in records if r["index"] // rows in complete)
+    if data != path.read_bytes():
+        atomic_write_bytes(path, data, durable=True)
 
 
 def _record_line(r: dict) -> bytes:
@@ -201,8 +216,7 @@ def make_step(model, method: str, cfg, mesh, sequential: bool) -> Callable:
 
     color = None
     if method == "gfi" and cfg.background == "mean":
-        pre = model.preprocessing
-        color = pre.normalize(np.asarray(pre.mean) * 255.0).astype(np.float32)
+        color = mean_background(model.preprocessing).astype(np.float32)
 
     def explain_gfi(params, images, targets):
         p = None if color is None else jnp.broadcast_to(color, images.shape)
@@ -239,7 +253,7 @@ def local_rows(a) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the run
 def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | None = None, *,
-        model: str = "efficientnet_lite0", weights: str | os.PathLike | None = None,
+        model: str | None = None, weights: str | os.PathLike | None = None,
         method: str = "gfi", targets: str = "top1", batch_size: int = 8,
         out: str | os.PathLike = "gfi-out", dtype: str = "uint8", preset: str | None = None,
         image_size: int | None = None, model_dtype: str = "float32", workers: int = 0,
@@ -248,7 +262,8 @@ def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | 
     """Explains every image of a folder (`images`, recursive) or a list file (`list_file`) into
     `out`, resuming whatever an earlier call with the same arguments left unfinished.
 
-    batch_size: the global batch, a multiple of the device count (all processes).
+    model: an architecture name (default `efficientnet_lite0`; with `weights` only, the
+    folder's). batch_size: the global batch, a multiple of the device count (all processes).
     targets: "top1" or "labels" (the list's labels). dtype: "uint8", "float16" (or "float32")
     masks. preset / **config: the GFI preset and field overrides (`stage1_steps=1`), or the
     method's options for other methods. image_size: input side (default: the model's).
@@ -257,186 +272,256 @@ def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | 
     Call `jax.distributed.initialize` first for several hosts. Returns this process's Summary.
     """
     import jax
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from gfi_jax import pipeline
-    from gfi_jax.weights import load_model
 
     if dtype not in MASK_DTYPES:
         raise ValueError(f"mask dtype {dtype!r}: use one of {', '.join(MASK_DTYPES)}")
     if targets not in ("top1", "labels"):
         raise ValueError(f"targets {targets!r}: use 'top1' or 'labels' (labels from --list)")
-    names, paths, labels = inputs(images, list_file)
-    n = len(names)
-    if targets == "labels" and any(lab is None for lab in labels):
-        missing = next(nm for nm, lab in zip(names, labels) if lab is None)
-        raise ValueError(f"--targets labels needs a label for every input; {missing!r} has none "
-                         "(use --list with 'PATH LABEL' lines, or --targets top1)")
-
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    names, paths, labels = _read_inputs(images, list_file, targets)
+    mesh = _data_mesh(batch_size)
     nproc, proc = jax.process_count(), jax.process_index()
-    if batch_size < 1 or batch_size % len(devices):
-        raise ValueError(f"--batch-size {batch_size} must be a positive multiple of the "
-                         f"{len(devices)} devices")
     rows = batch_size // nproc               # rows per chunk = this process's part of a batch
-    mesh = Mesh(np.array(devices), ("data",))
-
-    m = load_model(model, weights, dtype=model_dtype)
-    pre = m.preprocessing
-    if image_size is not None:
-        pre = pre.replace(size=image_size, resize=max(image_size,
-                                                      round(image_size * pre.resize / pre.size)))
+    m, pre = _load_model(model, weights, model_dtype, image_size)
     hw = (pre.size, pre.size)
-    m.check_images(np.zeros((1, *hw, 3), np.float32))
     if targets == "labels":
-        bad = [(nm, lab) for nm, lab in zip(names, labels) if not 0 <= lab < len(m.classes)]
-        if bad:
-            raise ValueError(f"label {bad[0][1]} of {bad[0][0]!r} is outside the model's "
-                             f"{len(m.classes)} classes (0..{len(m.classes) - 1})")
+        _check_labels(names, labels, len(m.classes))
     if sequential is None:
-        sequential = jax.default_backend() == "cpu"
-    if method == "gfi":
-        from gfi_jax import gfi
-        cfg = resolve_config(m, gfi.preset(preset or None, arch=m.arch.name, **config))
-        preset = cfg.name                      # the run file records the resolved name
-        gfi.check_layers(m, cfg, hw)
-    else:
-        from gfi_jax import methods
-        cfg = methods.make_config(method, m, **config)
-    settings = dataclasses.asdict(cfg)
+        sequential = default_sequential()
+    cfg, preset = _method_config(m, method, preset, config, hw)
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     _check_run_file(out, {
-        "format": FORMAT, "inputs": n, "names_sha256": _sha(names), "labels_sha256": _sha(labels),
-        "model": m.name, "weights": str(weights) if weights else None,
-        "model_dtype": model_dtype, "method": method, "targets": targets, "preset": preset,
-        "config": settings, "preprocessing": dataclasses.asdict(pre), "dtype": dtype,
-        "batch_size": batch_size, "processes": nproc, "sequential": sequential})
-    masks = open_masks(out, n, hw, rows, dtype)
+        "format": FORMAT, "inputs": len(names), "names_sha256": _sha(names),
+        "labels_sha256": _sha(labels), "model": m.name,
+        "weights": str(weights) if weights else None, "model_dtype": model_dtype,
+        "method": method, "targets": targets, "preset": preset,
+        "config": dataclasses.asdict(cfg), "preprocessing": dataclasses.asdict(pre),
+        "dtype": dtype, "batch_size": batch_size, "processes": nproc, "sequential": sequential})
+    writer = _ChunkWriter(out, open_masks(out, len(names), hw, rows, dtype), rows, dtype,
+                          names, labels, proc, _Fault(os.environ.get(FAULT_ENV, "")))
+    records = [read_records(records_path(out, q)) for q in range(nproc)]
+    plan = plan_resume(records, paths, rows, nproc, proc)
+    drop_incomplete_records(records_path(out, proc), records[proc], rows, len(names))
 
-    # What is left: global batches with any chunk not done (all processes agree on this list).
-    nchunks = math.ceil(n / rows)
-    done = done_chunks(out, rows, n, nproc, proc)
-    todo = [b for b in range(math.ceil(nchunks / nproc))
-            if any(c not in done for c in range(b * nproc, min((b + 1) * nproc, nchunks)))]
-    mine = [b * nproc + proc for b in todo]
-    write = [c < nchunks and c not in done for c in mine]
-    skipped = sum(len(chunk_rows(c, rows, n)) for c in range(proc, nchunks, nproc) if c in done)
-    items = []
-    for c in mine:
-        real = [(i, paths[i]) for i in chunk_rows(c, rows, n)] if c < nchunks else []
-        items += real + [(-1, "")] * (rows - len(real))
-
-    tgt_all = np.array([-1 if targets == "top1" else lab for lab in labels], np.int32)
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    data = NamedSharding(mesh, P("data"))
-    params = jax.tree.map(lambda a: jax.make_array_from_process_local_data(
-        NamedSharding(mesh, P()), np.asarray(a)), m.params)
-    step = make_step(m, method, cfg, mesh, sequential)
-    x_spec = jax.ShapeDtypeStruct((batch_size, *hw, 3), np.float32, sharding=data)
-    t_spec = jax.ShapeDtypeStruct((batch_size, 1), np.int32, sharding=data)
-    # Bitwise mode: XLA's SPMD pipeline runs an extra CSE before algebraic simplification
-    # when there are ≥ 2 devices, which rewrites a few divisions differently than for one
-    # device (last-bit differences). Without CSE the program is the same for any count.
-    opts = {"xla_disable_hlo_passes": "cse"} if sequential else {}
-    t0 = time.monotonic()
-    compiling = pool.submit(lambda: step.lower(params, x_spec, t_spec).compile(opts)) if todo \
-        else None
-
-    def launch(x, t):
-        return compiling.result()(params, jax.make_array_from_process_local_data(data, x),
-                                  jax.make_array_from_process_local_data(data, t))
-
+    program = _Program(m, method, cfg, mesh, sequential, (batch_size, *hw, 3), pool,
+                       compile_now=bool(plan.batches))
+    it = _batches(plan.items, rows, pre, workers, threads, prefetch)
+    bar = Progress(len(plan.batches) * batch_size,
+                   enabled=progress and proc == 0 and bool(plan.batches))
+    target_of = np.array([-1 if targets == "top1" else lab for lab in labels], np.int32)
     stop = _StopFlag()
-    timeline = []                     # per batch: (fetch start, fetch end, done)
-    counts = {"done": 0, "failed": 0}
-    fault = _Fault(os.environ.get(FAULT_ENV, ""))
-    it = pipeline.batches(items, rows, pre, workers=workers, threads=threads, prefetch=prefetch)
-    bar = _Progress(len(todo), batch_size, enabled=progress and proc == 0)
-    pending = None
     with stop.installed():
         try:
-            for k in range(len(todo)):
-                fs = time.monotonic()
-                # copies: Grain's shared-memory buffers are freed as soon as possible
-                idx, x, err = (np.array(a) for a in next(it))
-                fe = time.monotonic()
-                if k == 0:
-                    compiling.result()
-                    t_ready = bar.t0 = time.monotonic()
-                c = mine[k]
-                t = np.where(idx >= 0, tgt_all[np.maximum(idx, 0)], -1).astype(np.int32)[:, None]
-                o = launch(x, t)
-                ready = pool.submit(_when_ready, o)
-                if pending is not None:
-                    _finish(*pending, out=out, masks=masks, rows=rows, n=n, dtype=dtype,
-                            names=names, labels=labels, counts=counts, fault=fault)
-                    bar.update()
-                pending = (c, write[k], idx, err, o)
-                timeline.append((fs, fe, ready))
-                if stop.set:
-                    break
-            if pending is not None:
-                _finish(*pending, out=out, masks=masks, rows=rows, n=n, dtype=dtype,
-                        names=names, labels=labels, counts=counts, fault=fault)
-                bar.update()
+            timeline = _explain_batches(plan, program, it, target_of, writer, bar, stop, pool)
         finally:
+            bar.close()
             if hasattr(it, "close"):
                 it.close()
-    t_end = time.monotonic()
-    compile_s = (t_ready - t0) if timeline else 0.0
-    start = t_ready if timeline else t_end
-    waited, free = 0.0, start
-    for fs, fe, ready in timeline:
-        waited += max(0.0, fe - max(fs, free))
-        free = ready.result()
+    s = _summary(len(names), plan, program, writer, timeline, stop.set)
     pool.shutdown()
-    secs = max(t_end - start, 1e-9)
-    s = Summary(total=n, done=counts["done"], failed=counts["failed"], skipped=skipped,
-                seconds=t_end - start, images_per_s=(counts["done"] + counts["failed"]) / secs,
-                device_wait=waited / secs, compile_seconds=compile_s, process=proc,
-                processes=nproc, stopped=stop.set)
-    bar.close()
     if progress:
         print(s.line(), file=sys.stderr, flush=True)
     return s
 
 
-def _finish(c: int, write: bool, idx: np.ndarray, err: np.ndarray, o, *, out: Path, masks,
-            rows: int, n: int, dtype: str, names, labels, counts, fault) -> None:
-    """Writes one finished chunk: masks first, then all its records in one append."""
-    if not write:
-        return
-    o = {k: local_rows(v) for k, v in o.items()}
-    span = chunk_rows(c, rows, n)
-    ok = np.array([e == "" for e in err[:len(span)]])
-    mask = to_mask_dtype(np.asarray(o["mask"][:len(span)], np.float32), dtype)
-    mask[~ok] = 0
-    masks[span.start:span.stop].write(mask).result()
-    fault.after_chunk(out, c)
-    lines = []
-    for j, i in enumerate(span):
-        assert int(idx[j]) == i, (int(idx[j]), i)   # the pipeline's order is the chunk's order
-        good = bool(ok[j])
-        lines.append(_record_line({
-            "index": i, "path": names[i], "label": labels[i],
-            "target": int(o["target"][j]) if good else None,
-            "score": float(o["score"][j]) if good else None,
-            "status": "ok" if good else "failed", "error": None if good else str(err[j])}))
-        counts["done" if good else "failed"] += 1
-    data = b"".join(lines)
-    with open(records_path(out, _proc()), "ab") as f:
-        fault.records(f, data)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _proc() -> int:
+def _summary(total: int, plan: ResumePlan, program: "_Program", writer: "_ChunkWriter",
+             timeline: list, stopped: bool) -> Summary:
+    """This process's Summary, timed from the program being ready to now."""
     import jax
-    return jax.process_index()
+
+    t_end = time.monotonic()
+    start = program.ready_at if timeline else t_end
+    waited = device_wait([(fs, fe, ready.result()) for fs, fe, ready in timeline], start)
+    secs = max(t_end - start, 1e-9)
+    return Summary(total=total, done=writer.done, failed=writer.failed, skipped=plan.skipped,
+                   seconds=t_end - start, images_per_s=(writer.done + writer.failed) / secs,
+                   device_wait=waited / secs,
+                   compile_seconds=(program.ready_at - program.t0) if timeline else 0.0,
+                   process=jax.process_index(), processes=jax.process_count(), stopped=stopped)
+
+
+def _read_inputs(images, list_file, targets: str) -> tuple[list[str], list[str], list]:
+    names, paths, labels = inputs(images, list_file)
+    if targets == "labels" and any(lab is None for lab in labels):
+        missing = next(nm for nm, lab in zip(names, labels) if lab is None)
+        raise ValueError(f"--targets labels needs a label for every input; {missing!r} has none "
+                         "(use --list with 'PATH LABEL' lines, or --targets top1)")
+    return names, paths, labels
+
+
+def _data_mesh(batch_size: int):
+    """All devices of all processes along one `data` axis, in process order."""
+    import jax
+    from jax.sharding import Mesh
+
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    if batch_size < 1 or batch_size % len(devices):
+        raise ValueError(f"--batch-size {batch_size} must be a positive multiple of the "
+                         f"{len(devices)} devices")
+    return Mesh(np.array(devices), ("data",))
+
+
+def _load_model(name: str | None, weights, model_dtype: str, image_size: int | None):
+    """-> (the model, its preprocessing at `image_size`)."""
+    from gfi_jax.weights import load_model
+
+    check_weights(name, weights)
+    m = load_model(name, weights, dtype=model_dtype)
+    pre = m.preprocessing
+    if image_size is not None:
+        pre = pre.replace(size=image_size, resize=max(image_size,
+                                                      round(image_size * pre.resize / pre.size)))
+    m.check_images(np.zeros((1, pre.size, pre.size, 3), np.float32))
+    return m, pre
+
+
+def _check_labels(names: list[str], labels: list[int], classes: int) -> None:
+    bad = [(nm, lab) for nm, lab in zip(names, labels) if not 0 <= lab < classes]
+    if bad:
+        raise ValueError(f"label {bad[0][1]} of {bad[0][0]!r} is outside the model's "
+                         f"{classes} classes (0..{classes - 1})")
+
+
+def _method_config(m, method: str, preset: str | None, config: dict, hw) -> tuple[Any, str | None]:
+    """-> (the method's config, the preset name the run file records)."""
+    if method == "gfi":
+        from gfi_jax import gfi
+        cfg = resolve_config(m, gfi.preset(preset or None, arch=m.arch.name, **config))
+        gfi.check_layers(m, cfg, hw)
+        return cfg, cfg.name                   # the resolved name, not None
+    from gfi_jax import methods
+    return methods.make_config(method, m, **config), preset
+
+
+def _batches(items, rows: int, pre, workers: int, threads: int, prefetch: int):
+    from gfi_jax import pipeline
+    return pipeline.batches(items, rows, pre, workers=workers, threads=threads, prefetch=prefetch)
+
+
+class _Program:
+    """The step compiled (in `pool`, while the first batch is decoded) for global batches of
+    `shape` `(G, H, W, 3)`, with the params placed on every device: `program(x, t)` launches
+    one batch."""
+
+    def __init__(self, model, method: str, cfg, mesh, sequential: bool, shape: tuple, pool,
+                 compile_now: bool):
+        import jax
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        self.batch = shape[0]                # global images per batch
+        self.data = NamedSharding(mesh, P("data"))
+        self.params = jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+            NamedSharding(mesh, P()), np.asarray(a)), model.params)
+        step = make_step(model, method, cfg, mesh, sequential)
+        x_spec = jax.ShapeDtypeStruct(shape, np.float32, sharding=self.data)
+        t_spec = jax.ShapeDtypeStruct((shape[0], 1), np.int32, sharding=self.data)
+        # Bitwise mode: XLA's SPMD pipeline runs an extra CSE before algebraic simplification
+        # when there are ≥ 2 devices, which rewrites a few divisions differently than for one
+        # device (last-bit differences). Without CSE the program is the same for any count.
+        opts = {"xla_disable_hlo_passes": "cse"} if sequential else {}
+        self.t0 = time.monotonic()
+        self.ready_at = self.t0
+        self.compiling = pool.submit(
+            lambda: step.lower(self.params, x_spec, t_spec).compile(opts)) if compile_now else None
+
+    def wait(self) -> None:
+        """Blocks until compiled; `ready_at` is then when it was."""
+        self.compiling.result()
+        self.ready_at = time.monotonic()
+
+    def __call__(self, x: np.ndarray, t: np.ndarray):
+        import jax
+        return self.compiling.result()(self.params,
+                                       jax.make_array_from_process_local_data(self.data, x),
+                                       jax.make_array_from_process_local_data(self.data, t))
+
+
+def _explain_batches(plan: ResumePlan, program: _Program, it, target_of: np.ndarray,
+                     writer: "_ChunkWriter", bar: Progress, stop: "_StopFlag", pool) -> list:
+    """Runs the plan's batches, writing batch k−1 while batch k runs on the devices (and the
+    pipeline decodes ahead). -> per batch (fetch start, fetch end, future of its done time)."""
+    timeline = []
+    pending = None
+    t_bar = time.monotonic()
+    for k, chunk in enumerate(plan.chunks):
+        fs = time.monotonic()
+        # copies: Grain's shared-memory buffers are freed as soon as possible
+        idx, x, err = (np.array(a) for a in next(it))
+        fe = time.monotonic()
+        if k == 0:
+            program.wait()
+            bar.exclude(program.ready_at - t_bar)   # the rate starts when the program is ready
+        t = np.where(idx >= 0, target_of[np.maximum(idx, 0)], -1).astype(np.int32)[:, None]
+        o = program(x, t)
+        ready = pool.submit(_when_ready, o)
+        if pending is not None:
+            writer.write(*pending)
+            bar.update(program.batch)
+        pending = (chunk, plan.write[k], idx, err, o)
+        timeline.append((fs, fe, ready))
+        if stop.set:
+            break
+    if pending is not None:
+        writer.write(*pending)
+        bar.update(program.batch)
+    return timeline
+
+
+def device_wait(timeline: Sequence[tuple[float, float, float]], start: float) -> float:
+    """Seconds the devices sat idle waiting for input, from per-batch (fetch start, fetch end,
+    done time): fetching batch k only keeps the devices waiting after batch k−1 is done (or,
+    for the first, after `start`, when the program was ready)."""
+    waited, free = 0.0, start
+    for fs, fe, ready in timeline:
+        waited += max(0.0, fe - max(fs, free))
+        free = ready
+    return waited
+
+
+@dataclasses.dataclass
+class _ChunkWriter:
+    """Writes finished chunks: masks first, then all of a chunk's records in one append."""
+    out: Path
+    masks: Any                 # the tensorstore array of OUT/masks.zarr
+    rows: int
+    dtype: str
+    names: list[str]
+    labels: list
+    process: int
+    fault: "_Fault"
+    done: int = 0              # records written in this call: explained …
+    failed: int = 0            # … and failed
+
+    def write(self, c: int, write: bool, idx: np.ndarray, err: np.ndarray, o) -> None:
+        if not write:
+            return
+        o = {k: local_rows(v) for k, v in o.items()}
+        span = chunk_rows(c, self.rows, len(self.names))
+        ok = np.array([e == "" for e in err[:len(span)]])
+        mask = to_mask_dtype(np.asarray(o["mask"][:len(span)], np.float32), self.dtype)
+        mask[~ok] = 0
+        self.masks[span.start:span.stop].write(mask).result()
+        self.fault.after_chunk(self.out, c)
+        lines = []
+        for j, i in enumerate(span):
+            assert int(idx[j]) == i, (int(idx[j]), i)   # the pipeline's order is the chunk's
+            good = bool(ok[j])
+            lines.append(_record_line({
+                "index": i, "path": self.names[i], "label": self.labels[i],
+                "target": int(o["target"][j]) if good else None,
+                "score": float(o["score"][j]) if good else None,
+                "status": "ok" if good else "failed", "error": None if good else str(err[j])}))
+            self.done += good
+            self.failed += not good
+        data = b"".join(lines)
+        with open(records_path(self.out, self.process), "ab") as f:
+            self.fault.records(f, data)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _when_ready(o) -> float:
@@ -461,7 +546,7 @@ def _check_run_file(out: Path, settings: dict) -> None:
             raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)} differ); "
                              "rerun the same command to resume, or choose a new --out")
     else:
-        _write_atomic(path, json.dumps(settings, indent=1).encode())
+        atomic_write_json(path, settings, indent=1, durable=True)
 
 
 class _StopFlag:
@@ -522,35 +607,6 @@ class _Fault:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _Progress:
-    """A one-line progress bar on stderr: batches, images/s, ETA (a line every 10 s if not a TTY)."""
-
-    def __init__(self, total: int, batch: int, enabled: bool):
-        self.total, self.batch, self.enabled = total, batch, enabled and total > 0
-        self.k, self.t0, self.last = 0, time.monotonic(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self) -> None:
-        self.k += 1
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not self.tty and now - self.last < 10 and self.k < self.total:
-            return
-        self.last = now
-        rate = self.k * self.batch / max(now - self.t0, 1e-9)
-        eta = (self.total - self.k) * self.batch / max(rate, 1e-9)
-        filled = int(30 * self.k / self.total)
-        line = (f"[{'#' * filled}{'.' * (30 - filled)}] {self.k}/{self.total} batches "
-                f"{rate:.2f} images/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `gfi-jax run` flags."""
@@ -560,7 +616,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="list file: 'PATH [LABEL]' per line, or CSV 'PATH,LABEL,...'")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder: masks.zarr, records-*.jsonl, run.json")
-    p.add_argument("--model", default="efficientnet_lite0", help="architecture (gfi-jax models)")
+    p.add_argument("--model", default=None,
+                   help=f"architecture (default {DEFAULT_MODEL}, or the one --weights holds; "
+                        "see gfi-jax models)")
     p.add_argument("--weights", default=None, metavar="DIR", help="converted weights folder")
     p.add_argument("--method", default="gfi", help="gfi (default) or a gfi_jax.methods name")
     p.add_argument("--targets", default="top1", choices=("top1", "labels"),
@@ -587,17 +645,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`gfi-jax run` with parsed `args`; 0 when every input has a record (or on SIGTERM)."""
+    """`gfi-jax run` with parsed `args`; 0 when every input has a record (or on SIGTERM).
+    Errors the user can fix raise `cli.CliError` (one line, exit code `cli.USER_ERROR`)."""
     import jax
 
-    overrides = {}
-    for kv in args.overrides:
-        key, eq, value = kv.partition("=")
-        if not eq or not key:
-            print(f"gfi-jax run: --set {kv!r}: write KEY=VALUE, e.g. --set stage2_steps=10",
-                  file=sys.stderr)
-            return 2
-        overrides[key.strip()] = parse_value(value.strip())
+    from gfi_jax.cli import CliError
+    from gfi_jax.gfi import parse_overrides
+
+    try:
+        overrides = parse_overrides(args.overrides, _config_fields(args.method))
+    except ValueError as e:
+        raise CliError(str(e)) from None
     if args.coordinator or args.distributed:
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
@@ -608,12 +666,21 @@ def main(args: argparse.Namespace) -> int:
             model_dtype=args.model_dtype, workers=args.workers, threads=args.threads,
             progress=args.progress, **overrides)
     except (ValueError, FileNotFoundError) as e:
-        print(f"gfi-jax run: {e}", file=sys.stderr)
-        return 2
+        raise CliError(" ".join(str(e).split())) from None
     return 0
 
 
+def _config_fields(method: str) -> type:
+    """The dataclass whose fields `--set` may override: `gfi.Config`, or the method's config."""
+    if method == "gfi":
+        from gfi_jax.gfi import Config
+        return Config
+    from gfi_jax import methods
+    return methods.get_method(method).config
+
+
 if __name__ == "__main__":
+    from gfi_jax import cli
     parser = argparse.ArgumentParser(prog="python -m gfi_jax.run", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    sys.exit(cli.run_command("run", main, parser.parse_args()))

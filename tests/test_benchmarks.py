@@ -1,18 +1,13 @@
 """The pieces of the benchmark scripts that compute something: the space-to-depth stem and the
-conv rewrites of experiments/bench_layers.py and the trace arithmetic of
-experiments/profile_gfi.py."""
+conv rewrites of experiments/benchmarks/bench_layers.py and the trace arithmetic of
+experiments/benchmarks/profile_gfi.py."""
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import bench_layers  # noqa: E402
-import profile_gfi  # noqa: E402
+from experiments.benchmarks import bench_layers, profile_gfi
 
 
 @pytest.mark.parametrize("hw", [32, 18])

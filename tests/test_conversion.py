@@ -17,9 +17,9 @@ import pytest
 import gfi_jax
 from gfi_jax.models import get_arch, imagenet_classes
 from gfi_jax.weights import load_weights, preprocessing_dict
-from weights_conversion import convert as convert_mod
+from gfi_jax import weights as weights_mod  # where conversion reads and writes
 from weights_conversion.convert import ConversionError, convert, convert_state_dict
-from weights_conversion.torch_reader import CheckpointError, load_state_dict
+from gfi_jax.torch_reader import CheckpointError, load_state_dict
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -225,7 +225,7 @@ def test_unwritable_out_api(kind, r18, tmp_path, monkeypatch):
     def no_read(*a, **k):
         raise AssertionError("the checkpoint was read before the output folder was checked")
 
-    monkeypatch.setattr(convert_mod, "load_state_dict", no_read)
+    monkeypatch.setattr(weights_mod, "load_state_dict", no_read)
     with pytest.raises(ConversionError) as e:
         convert("resnet18", r18[1], out)
     _one_line(str(e.value), str(out))
@@ -402,7 +402,7 @@ def test_default_model_converts_once(_private_cache, monkeypatch):
     def no_convert(*a, **k):
         raise AssertionError("converted again although the cache holds the weights")
 
-    monkeypatch.setattr(convert_mod, "convert", no_convert)
+    monkeypatch.setattr(weights_mod, "convert_checkpoint", no_convert)
     m2 = gfi_jax.load_model()  # the default model, now from the cache
     assert m2.name == "efficientnet_lite0"
     assert (folder.stat().st_mtime_ns, (folder / "metadata.json").stat().st_mtime_ns) == stamp

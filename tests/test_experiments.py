@@ -1,28 +1,20 @@
-"""Smoke tests of the paper-experiment scripts (experiments/*.py) on tiny synthetic datasets
-written to tmp_path, in their standard layouts, with one random-init ResNet-18 shared by all
-and GFI at 1+1 steps; plus the readers' errors on wrong layouts."""
+"""Smoke tests of the experiment scripts (experiments/paper/*.py) on tiny
+synthetic datasets written to tmp_path, in their standard layouts, with one random-init
+ResNet-18 shared by all and GFI at 1+1 steps; plus the readers' errors on wrong layouts."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from gfi_jax.metrics import box_iou
-from gfi_jax.models import LoadedModel, get_arch, imagenet_classes
+from gfi_jax.testing.random_models import flax_init_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import adversarial  # noqa: E402
-import datasets  # noqa: E402
-import figures  # noqa: E402
-import imagenet_localization  # noqa: E402
-import msra_saliency  # noqa: E402
-import runtime  # noqa: E402
-import voc07_pointing  # noqa: E402
+from experiments.paper import (adversarial, datasets, figures, imagenet_localization,
+                               msra_saliency, runtime, voc07_pointing)
 
 SIZE = 64
 FAST = ["--size", str(SIZE), "--batch", "2", "--stage1-steps", "1", "--stage2-steps", "1"]
@@ -30,8 +22,7 @@ FAST = ["--size", str(SIZE), "--batch", "2", "--stage1-steps", "1", "--stage2-st
 
 @pytest.fixture(scope="module")
 def m():
-    arch = get_arch("resnet18")
-    return LoadedModel(arch, nnx.state(arch.build(rngs=nnx.Rngs(0))), classes=imagenet_classes())
+    return flax_init_model("resnet18")
 
 
 def image(path: Path, box, seed: int, size=(80, 64)) -> None:
@@ -270,45 +261,3 @@ def test_runtime(m, imagenet, tmp_path):
                         *FAST], models={"resnet18": m})
     assert 0 < res["resnet18"]["batch1"] and 0 < res["resnet18"]["batch2"]
     assert "6.43" in out.read_text()
-
-
-def test_offline_benchmark(m, tmp_path, monkeypatch):
-    import offline_benchmark
-    data = tmp_path / "samples"
-    data.mkdir()
-    labels = [i % 6 for i in range(12)]
-    for i in range(12):
-        image(data / f"img{i}.png", BOXES[i % 4], seed=100 + i)
-    (data / "labels.csv").write_text("file,class_index,wnid,name\n" + "".join(
-        f"img{i}.png,{c},n0,x\n" for i, c in enumerate(labels)))
-    # A random model predicts one class for everything; the selection of confidently,
-    # correctly classified images is tested in test_metrics, so here the classifier's verdict
-    # is given: every image correct (the explanations still come from the model).
-    monkeypatch.setattr(offline_benchmark, "predict",
-                        lambda model, x, batch=32: np.eye(1000)[labels[:len(x)]])
-    args = ["--data", str(data), "--size", str(SIZE), "--mosaics", "3",
-            "--images", "3", "--steps", "4", "--batch", "2", "--methods", "Grad,Center",
-            "--gfi", "GFI short:preset=reference,stage1_steps=1,stage2_steps=1",
-            "--randomization-images", "1", "--randomization-every", "30", "--no-stability",
-            "--figure-images", "2", "--quiet"]
-    runs = []
-    for k in range(2):
-        out = tmp_path / f"run{k}"
-        runs.append(offline_benchmark.main(args + ["--cache", str(out / "cache"), "--out",
-                                                   str(out / "bench.md"), "--figure",
-                                                   str(out / "fig.png")], model=m))
-    res = runs[0]["results"]
-    assert set(res) == {"Grad", "Center", "GFI short"}
-    for r in res.values():
-        assert 0 <= r["energy"] <= 1 and 0 <= r["hit"] <= 1
-        assert 0 <= r["deletion"] <= 1 and 0 <= r["insertion"] <= 1
-    # The centred Gaussian is symmetric: a quarter of its energy in every cell.
-    assert abs(res["Center"]["energy"] - 0.25) < 1e-6
-    assert runs[0]["randomization"]["Center"][:3] == (1.0, 1.0, 1.0)
-    # Fixed seeds: a second run from an empty cache gives the same numbers.
-    strip = lambda r: {k: {m: v for m, v in d.items() if not m.endswith("_s")}  # noqa: E731
-                       for k, d in r["results"].items()}
-    assert strip(runs[0]) == strip(runs[1])
-    text = (tmp_path / "run0" / "bench.md").read_text()
-    assert "offline_benchmark.py" in text and "| GFI short |" in text
-    assert (tmp_path / "run0" / "fig.png").stat().st_size > 1000

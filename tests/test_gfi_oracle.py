@@ -1,4 +1,4 @@
-"""Self-test of the plain-PyTorch GFI oracle (tests/gfi_oracle.py) on a tiny random CNN."""
+"""Self-test of the plain-PyTorch GFI oracle (gfi_jax/testing/oracle.py) on a tiny random CNN."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,8 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
-from gfi_oracle import explain, lr_schedule, make_mask, paper_config, reference_config  # noqa: E402
+from gfi_jax.testing.oracle import (explain, lr_schedule, make_mask, paper_config,  # noqa: E402
+                                    reference_config)
 
 PRESETS = {"paper": paper_config, "reference": reference_config}
 

@@ -1,4 +1,4 @@
-"""The JAX engine against the independent PyTorch oracle (tests/gfi_oracle.py), same weights.
+"""The JAX engine against the independent PyTorch oracle (gfi_jax/testing/oracle.py), same weights.
 
 Before rounding noise is amplified (the first five steps of each stage) the per-image loss and
 ω must agree to 1e-4 relative (in float64 for the real EfficientNet-Lite0); the final masks
@@ -23,7 +23,7 @@ from gfi_jax.models import LoadedModel, get_arch, imagenet_classes  # noqa: E402
 from gfi_jax.weights import state_from_flat  # noqa: E402
 from weights_conversion.convert import convert_state_dict  # noqa: E402
 
-import gfi_oracle as O  # noqa: E402
+from gfi_jax.testing import oracle as O  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-samples"
 ORACLE = {"paper": O.paper_config, "reference": O.reference_config,

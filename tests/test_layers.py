@@ -1,14 +1,18 @@
-"""The CPU convolutions against XLA's: the depthwise one (shifted products, hand-written
-backward) against the grouped convolution, and the dense one (hand-written input gradient)
-against autodiff of `lax.conv_general_dilated`; values and both gradients, for the strides,
-kernels and paddings the model ports use."""
+"""The CPU kernels (`gfi_jax.models.cpu_kernels`) against XLA's ops: the depthwise conv (shifted
+products, hand-written backward) against the grouped convolution, the dense one (hand-written
+input gradient) against autodiff of `lax.conv_general_dilated`, the masked max-pool backward
+against select-and-scatter; values and gradients, for the strides, kernels and paddings the
+model ports use. And how a model gets its kernels: once, when it is built."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from gfi_jax.models import layers
+from gfi_jax.models import cpu_kernels, layers
+from gfi_jax.models.cpu_kernels import CPU
 
 
 def _with_lax(mod):
@@ -22,15 +26,20 @@ def _with_lax(mod):
 @pytest.mark.parametrize("k,stride,pad,hw", [(3, 1, "SAME", 13), (3, 2, "SAME", 14),
                                              (5, 2, "SAME", 15), (5, 1, 2, 9), (3, 2, 1, 10)])
 def test_depthwise_matches_grouped_conv(k, stride, pad, hw):
-    mod = layers.conv(6, 6, k, stride=stride, pad=pad, groups=6, bias=True, rngs=nnx.Rngs(0))
+    def build(kernels):
+        return layers.conv(6, 6, k, stride=stride, pad=pad, groups=6, bias=True,
+                           kernels=kernels, rngs=nnx.Rngs(0))
+    mod = build(CPU)
+    assert mod.conv_general_dilated is cpu_kernels.depthwise_conv
     mod.bias[...] = jnp.arange(6, dtype=jnp.float32) / 10
     ref = _with_lax(mod)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, hw, hw, 6))
     y_ref, y = ref(x), mod(x)
     assert y.shape == y_ref.shape
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    with layers.grouped_depthwise():           # the switch gfi.flops uses
-        np.testing.assert_array_equal(mod(x), y_ref)
+    grouped = build(dataclasses.replace(CPU, depthwise=False))   # the kernels gfi.flops uses
+    nnx.update(grouped, nnx.state(mod))
+    np.testing.assert_array_equal(grouped(x), y_ref)
 
     # Through ReLU6, the case whose autodiff was slow, with a non-trivial cotangent.
     w = jax.random.normal(jax.random.PRNGKey(2), y.shape)
@@ -52,20 +61,16 @@ def test_depthwise_matches_grouped_conv(k, stride, pad, hw):
                                              # inputs smaller than the kernel (padded first)
                                              (3, 1, 1, 2), (3, 1, 1, 1), (3, 2, 1, 2),
                                              (7, 2, 3, 3)])
-@pytest.mark.parametrize("path", ["library", "matrix product"])
-def test_dense_conv_matches_autodiff(k, stride, pad, hw, path, monkeypatch):
-    # Both CPU paths of `_conv_plain`: the convolution library, and for convs with few output
-    # pixels (within `matrix_product_convs`) one matrix product over the k² shifted views.
-    monkeypatch.setattr(layers, "_gemm_max_pixels", 0 if path == "library" else 10**9)
-    mod = layers.conv(5, 7, k, stride=stride, pad=pad, rngs=nnx.Rngs(0))
-    assert mod.conv_general_dilated is layers.conv_general_dilated
+def test_dense_conv_matches_autodiff(k, stride, pad, hw):
+    mod = layers.conv(5, 7, k, stride=stride, pad=pad, kernels=CPU, rngs=nnx.Rngs(0))
+    assert mod.conv_general_dilated is cpu_kernels.dense_conv
     x = jax.random.normal(jax.random.PRNGKey(1), (2, hw, hw, 5))
     y = mod(x)
     plain = _with_lax(mod)
-    if hw >= k and path == "library":  # the same library call: bit for bit
+    if hw >= k:  # the same library call: bit for bit
         np.testing.assert_array_equal(y, plain(x))
-    else:        # padded first, or a product: another summation order (here of up to 605
-        np.testing.assert_allclose(y, plain(x), rtol=1e-5, atol=1e-5)  # terms of size ~1)
+    else:        # padded first: another summation order (here of up to 605 terms of size ~1)
+        np.testing.assert_allclose(y, plain(x), rtol=1e-5, atol=1e-5)
     w = jax.random.normal(jax.random.PRNGKey(2), y.shape)
 
     def grads(m):
@@ -90,12 +95,11 @@ def test_dense_conv_matches_autodiff(k, stride, pad, hw, path, monkeypatch):
 
 
 @pytest.mark.parametrize("k,stride,hw", [(3, 1, 7), (3, 2, 14), (1, 2, 14)])
-def test_small_map_convs_per_image_and_as_products(k, stride, hw):
+def test_small_map_convs_per_image(k, stride, hw):
     # Small maps (ResNet's 7×7 layer4 at 224²): as GFI runs them (the library), an image's
     # output and input gradient do not depend on the batch it is in (GFI's batched runs equal
-    # its single runs bit for bit); within `matrix_product_convs` (opt-in for the methods)
-    # they run as one matrix product, with the same values to round-off.
-    mod = layers.conv(64, 96, k, stride=stride, pad=k // 2, rngs=nnx.Rngs(0))
+    # its single runs bit for bit).
+    mod = layers.conv(64, 96, k, stride=stride, pad=k // 2, kernels=CPU, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (6, hw, hw, 64))
     gdef, params = nnx.split(mod)
     w = jax.random.normal(jax.random.PRNGKey(2), mod(x).shape)
@@ -111,23 +115,6 @@ def test_small_map_convs_per_image_and_as_products(k, stride, hw):
         np.testing.assert_array_equal(y[:1], y1)
         np.testing.assert_array_equal(g[:1], g1)
 
-    pads = ((k // 2,) * 2,) * 2
-    assert not layers._few_pixels(x, mod.kernel[...], (stride, stride), pads)
-
-    def products(x, w):  # the switch is read at trace time: a function of its own (jit
-        with layers.matrix_product_convs(64):  # caches traces per function)
-            return run(x, w)
-
-    assert "conv_general_dilated" in str(jax.make_jaxpr(run)(x, w))
-    jaxpr = str(jax.make_jaxpr(products)(x, w))
-    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
-    y, g = jax.jit(products)(x, w)
-    with layers.matrix_product_convs(64):
-        assert layers._few_pixels(x, mod.kernel[...], (stride, stride), pads)
-    y0, g0 = f(x, w)
-    np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-5)
-
 
 @pytest.mark.parametrize("k,stride,pad,hw", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 0, 13),
                                              (3, 2, 1, 12), (3, 2, 1, 11)])
@@ -136,11 +123,62 @@ def test_max_pool_gradient_matches_select_and_scatter(k, stride, pad, hw, ties):
     x = jax.random.normal(jax.random.PRNGKey(3), (2, hw, hw, 4))
     if ties:  # few distinct values: most windows have several maxima
         x = jnp.round(x)
-    w = jax.random.normal(jax.random.PRNGKey(4), layers._max_pool_plain(x, k, stride, pad).shape)
+    w = jax.random.normal(jax.random.PRNGKey(4),
+                          cpu_kernels.plain_max_pool(x, k, stride, pad).shape)
     f = lambda pool: lambda x: (pool(x, k, stride, pad) * w).sum()  # noqa: E731
-    np.testing.assert_array_equal(layers.max_pool(x, k, stride, pad),
-                                  layers._max_pool_plain(x, k, stride, pad))
-    g = jax.grad(f(layers._max_pool))(x)
-    g_ref = jax.grad(f(layers._max_pool_plain))(x)
+    np.testing.assert_array_equal(layers.max_pool(x, k, stride, pad, kernels=CPU),
+                                  cpu_kernels.plain_max_pool(x, k, stride, pad))
+    g = jax.grad(f(cpu_kernels.max_pool))(x)
+    g_ref = jax.grad(f(cpu_kernels.plain_max_pool))(x)
     assert int((g != 0).sum()) > 0
     np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_kernels_are_fixed_when_a_model_is_built():
+    # The kernels live in the model's graphdef: a model with other kernels traces and
+    # compiles programs of its own (the jit caches key on `m.features`), with the same values.
+    import gfi_jax
+    from gfi_jax import gfi, methods
+    from gfi_jax.testing.random_models import random_model
+    m = random_model("resnet18")
+    assert m.kernels == cpu_kernels.for_backend(jax.default_backend())
+    cpu, xla = m.with_kernels(CPU), m.with_kernels(cpu_kernels.XLA)
+    assert cpu.astype(jnp.float32).kernels == CPU and xla.kernels == cpu_kernels.XLA
+    x = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
+
+    def grad_jaxpr(model):
+        return str(jax.make_jaxpr(jax.grad(
+            lambda x: model.features(model.params, x)["logits"][0, 0]))(x))
+    assert "optimization_barrier" in grad_jaxpr(cpu)           # the conv's hand-written rule
+    assert "optimization_barrier" not in grad_jaxpr(xla)
+    # (to round-off: layer4's 1×1 maps are smaller than their kernels, padded first on CPU)
+    np.testing.assert_allclose(cpu(x)["logits"], xla(x)["logits"], rtol=1e-5, atol=1e-4)
+    cfg = gfi_jax.Config()
+    assert gfi.compiled(cpu.features, cfg) is not gfi.compiled(xla.features, cfg)
+    grad_cfg = methods.make_config("grad")
+    assert (methods.compiled("grad", cpu.features, grad_cfg)
+            is not methods.compiled("grad", xla.features, grad_cfg))
+
+
+def test_layer_gradient_is_the_gradient_at_the_layer():
+    # h = relu(x·w1) is the layer; logits read h and, past the cut, x itself:
+    # ∂ logit_t / ∂h = w2[:, t] whatever x.
+    from gfi_jax.methods.common import layer_gradient
+    rng = np.random.default_rng(0)
+    w1, w2, w3 = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                  for s in ((3, 4), (4, 5), (3, 5)))
+
+    def features(params, x, names):
+        h = layers.relu(x @ params["w1"])
+        out = {"h": h, "pre": x @ params["w1"], "logits": h @ params["w2"] + x @ params["w3"]}
+        return {n: out[n] for n in names}
+
+    params = {"w1": w1, "w2": w2, "w3": w3}
+    x = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+    a, g, t = jax.jit(lambda p, x: layer_gradient(features, p, x, jnp.array([1, 3]), "h"))(
+        params, x)
+    np.testing.assert_array_equal(a, jax.nn.relu(x @ w1))
+    np.testing.assert_array_equal(g, w2[:, [1, 3]].T)
+    assert t.tolist() == [1, 3]
+    with pytest.raises(ValueError, match="not the output of a ReLU"):
+        layer_gradient(features, params, x, jnp.array([1, 3]), "pre")

@@ -16,14 +16,12 @@ from gfi_jax.methods.perturbation import meaningful_perturbation, rise, rise_mas
 from gfi_jax.models import LoadedModel
 from gfi_jax.models.layers import relu, relu6, rectifiers
 
-from random_models import random_model  # noqa: E402  (tests/ is on sys.path)
-
 SIZE = 48   # ResNet-18's layer4 is 2×2 here: CAM maps are not constant
 
 
 @pytest.fixture(scope="module")
-def m():
-    return random_model("resnet18")
+def m(random_resnet18):  # conftest.py's, shared with test_metrics.py
+    return random_resnet18
 
 
 @pytest.fixture(scope="module")

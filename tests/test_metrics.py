@@ -8,8 +8,6 @@ import gfi_jax
 from gfi_jax import metrics
 from gfi_jax.models import LoadedModel
 
-from random_models import random_model  # noqa: E402  (tests/ is on sys.path)
-
 
 def _rect(h, w, y0, y1, x0, x1, n=1):
     s = np.zeros((n, h, w))
@@ -217,12 +215,8 @@ def test_layer_groups_in_forward_order():
     assert names == [f"convs.{i}" for i in range(13)] + ["fc6", "fc7", "fc8"]
 
 
-@pytest.fixture(scope="module")
-def resnet():
-    return random_model("resnet18")
-
-
-def test_cascading_randomization(resnet):
+def test_cascading_randomization(random_resnet18):
+    resnet = random_resnet18
     x = np.random.default_rng(0).normal(size=(2, 48, 48, 3)).astype(np.float32)
     r = metrics.cascading_randomization(resnet, x, "grad")
     assert r["layers"][0] == "fc" and r["layers"][-1] == "conv1"

@@ -8,12 +8,6 @@ import pytest
 from experiments.quality import offline_benchmark as B
 from experiments.quality import report, stats, tasks
 from experiments.quality.store import Store, config_hash
-from random_models import random_model  # noqa: E402  (tests/ is on sys.path)
-
-
-@pytest.fixture(scope="module")
-def random_resnet18():
-    return random_model("resnet18")
 
 
 def test_split_is_by_class_and_fixed():

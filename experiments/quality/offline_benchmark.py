@@ -144,7 +144,8 @@ def fill(model, ds, store: Store, name: str, spec, items, task: str, args, log,
             {"method": name, "config": cfg, "code": code, "task": task, "item": it.id,
              "split": args.split, "scores": s, "seconds": seconds}
             for it, s in zip(chunk, scores)])
-        log(f"  {name} [{task}] {len(have) + added}/{len(items)}  {seconds:.2f} s/map")
+        log(f"  {name} [{task}] {len(items) - len(todo) + added}/{len(items)}  "
+            f"{seconds:.2f} s/map")
     return added
 
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,7 @@ import numpy as np
 from experiments import common
 from experiments.quality import methods as M
 from experiments.quality import stats, tasks
+from gfi_jax.files import atomic_writer
 
 # metric -> (label, higher is better)
 METRICS = {"grid": {"energy": ("grid energy", True), "hit": ("grid hit", True)},
@@ -139,8 +138,6 @@ def figure(path: Path, grid_rows: dict[str, dict], costs: dict[str, float], titl
     ax.set_title(f"Quality against cost: {title}\n"
                  f"{datetime.date.today():%Y-%m-%d}; dashed: chance", fontsize=9)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=Path(path).parent)
-    os.close(fd)
-    fig.savefig(tmp)
+    with atomic_writer(path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

@@ -24,7 +24,6 @@ from gfi_jax.methods.gradients import (GradConfig, GuidedBackpropConfig, Integra
                                        integrated_gradients, smoothgrad)
 from gfi_jax.methods.perturbation import (MeaningfulPerturbationConfig, RiseConfig,
                                           meaningful_perturbation, rise)
-from gfi_jax.models.layers import matrix_product_convs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,14 +95,9 @@ def get_method(name: str) -> Method:
 def compiled(name: str, features: Callable, cfg: Any) -> Callable:
     """The jitted `(params, images, targets) -> (B, H, W)` of one method, model and config.
 
-    Traced inside `layers.matrix_product_convs`: small-map convs as matrix products on CPU
-    when `layers.SMALL_MAP_PIXELS` > 0 (off by default; see there)."""
-    fn = METHODS[name].fn
-
-    def run(params, images, targets):
-        with matrix_product_convs():
-            return fn(features, params, images, targets, cfg=cfg)
-    return jax.jit(run)
+    `features` stands for the model and its layer kernels (`LoadedModel.kernels`, fixed in
+    its graphdef), so a model with other kernels is another key."""
+    return jax.jit(functools.partial(METHODS[name].fn, features, cfg=cfg))
 
 
 def targets_array(targets, batch: int, num_classes: int) -> np.ndarray:

@@ -14,12 +14,13 @@ import jax.numpy as jnp
 
 from gfi_jax.gfi import upsample
 from gfi_jax.methods.common import Features, layer_gradient
+from gfi_jax.models import ARCHS
 
-# The last rectified conv map of each architecture: Grad-CAM's usual layer and, for the
-# global-average-pooling models, the map that CAM weighs with the classifier.
-LAST_CONV = {"vgg16": "conv5_3", "vgg19": "conv5_4", "alexnet": "conv5",
-             "resnet18": "layer4", "resnet50": "layer4", "efficientnet_lite0": "head"}
-GAP_MODELS = ("resnet18", "resnet50", "efficientnet_lite0")
+# Views of the registry records: each architecture's last rectified conv map (Grad-CAM's
+# usual layer and, for the global-average-pooling models, the map that CAM weighs with the
+# classifier), and the models CAM applies to.
+LAST_CONV = {name: a.cam_layer for name, a in ARCHS.items()}
+GAP_MODELS = tuple(name for name, a in ARCHS.items() if a.gap)
 
 
 @dataclasses.dataclass(frozen=True)

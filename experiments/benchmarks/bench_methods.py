@@ -8,8 +8,8 @@ the 1-minute load average is recorded with every row. Both sides use the same we
 torch model's state_dict converted with `convert_state_dict`), random-init for the
 torchvision models and the real ImageNet weights for EfficientNet-Lite0, and 224×224 inputs.
 
-    python experiments/bench_methods.py                      # default (~10 min on 2 cores)
-    python experiments/bench_methods.py --models resnet18,vgg16,efficientnet_lite0 \\
+    python -m experiments.benchmarks.bench_methods           # default: every method, two models
+    python -m experiments.benchmarks.bench_methods --models resnet18,vgg16,efficientnet_lite0 \\
         --batch32-models resnet18,vgg16,efficientnet_lite0 --repeats 5 --full-configs
 
 Methods with no Captum counterpart (CAM, RISE, Meaningful Perturbation, Center, GFI) get JAX
@@ -22,23 +22,20 @@ import argparse
 import datetime
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import jax
+import numpy as np
+import torch
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import gfi_jax
+from gfi_jax.methods import compiled, make_config, targets_array
+from gfi_jax.testing.torch_twins import Lite0
 
-import gfi_jax  # noqa: E402
-from gfi_jax.methods import compiled, make_config, targets_array  # noqa: E402
+from experiments import common
 
 SIZE = 224
 # Reduced settings of the costly methods for the default run (time is linear in them).
@@ -49,31 +46,6 @@ CHEAP = ("grad", "guided_backprop", "gradcam", "cam", "center")
 
 
 # ----------------------------------------------------------------------------- models
-class _ReLU6(torch.nn.ReLU):
-    """ReLU6 that Captum's GuidedBackprop treats as a ReLU (it hooks nn.ReLU only)."""
-
-    def forward(self, x):
-        return torch.clamp(x, 0, 6)
-
-
-class _Lite0(torch.nn.Module):
-    """EfficientNet-Lite0 (efficientnet_lite_pytorch) with separate stem/head activations."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.stem_act, self.head_act = net, _ReLU6(), _ReLU6()
-        for block in net._blocks:
-            block._swish = _ReLU6()
-
-    def forward(self, x):
-        n = self.net
-        x = self.stem_act(n._bn0(n._conv_stem(x)))
-        for block in n._blocks:
-            x = block(x, drop_connect_rate=None)
-        x = self.head_act(n._bn1(n._conv_head(x)))
-        return n._fc(n._avg_pooling(x).flatten(1))
-
-
 def load_pair(name: str):
     """(gfi_jax LoadedModel, torch model, torch Grad-CAM layer) with the same weights."""
     from gfi_jax.models import LoadedModel, get_arch
@@ -85,7 +57,7 @@ def load_pair(name: str):
         net = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-lite0")
         net.load_state_dict(torch.load(lite0_file.EfficientnetLite0ModelFile.get_model_file_path(),
                                        map_location="cpu", weights_only=True))
-        ref = _Lite0(net).eval()
+        ref = Lite0(net).eval()
         return gfi_jax.load_model("efficientnet_lite0"), ref, ref.head_act
     import torchvision
     torch.manual_seed(0)
@@ -185,14 +157,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--full-configs", action="store_true",
                    help="the methods' default settings, and batch 32 for every method")
-    p.add_argument("--matrix-products", action="store_true",
-                   help="JAX side: convs with at most 64 output pixels per image as matrix "
-                        "products (`layers.matrix_product_convs`; off by default)")
-    p.add_argument("--out", default=str(REPO / "experiments/results/bench_methods_cpu.md"))
+    p.add_argument("--out", default=str(common.RESULTS / "bench_methods_cpu.md"))
     args = p.parse_args(argv)
-    if args.matrix_products:
-        from gfi_jax.models import layers
-        layers.SMALL_MAP_PIXELS = 64
     started = datetime.datetime.now(datetime.timezone.utc)
     load0 = os.getloadavg()
     rows = []
@@ -222,7 +188,7 @@ def write(args, rows, started, load0, load1) -> None:
     v = lambda pkg: metadata.version(pkg)  # noqa: E731
     lines = [
         "# Attribution methods on CPU: gfi_jax (jit) vs Captum (eager PyTorch)", "",
-        f"- command: `python {shlex.join(sys.argv)}`",
+        f"- command: `{common.command('experiments.benchmarks.bench_methods', None)}`",
         f"- date: {started:%Y-%m-%d %H:%M} UTC (run took "
         f"{(datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60:.1f} min)",
         f"- machine: {machine()}",
@@ -235,9 +201,7 @@ def write(args, rows, started, load0, load1) -> None:
         f"methods ({', '.join(CHEAP)}), {max(1, args.repeats // 2)} for the others, after a "
         "warm-up call (JAX: the compile, reported separately)",
         "- time per image = time per call / batch; speedup = Captum / JAX",
-        "- JAX convs: " + ("small maps (≤ 64 pixels per image) as matrix products "
-                           "(`--matrix-products`)" if args.matrix_products
-                           else "all in XLA's convolution library"), ""]
+        "- JAX layers: the model's `cpu_kernels.Kernels` (`CPU` on this backend)", ""]
     if max(load0[0], load1[0]) > len(os.sched_getaffinity(0)) / 2:
         lines += ["**WARNING: the 1-minute load average exceeded half the cores during this "
                   "run; single numbers can be off by several times (a negative compile time "
@@ -252,9 +216,8 @@ def write(args, rows, started, load0, load1) -> None:
                      f"{r['compile']:.1f} | {r['load']:.1f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.rename(out)
+    from gfi_jax.files import atomic_write_text
+    atomic_write_text(out, "\n".join(lines) + "\n")
     print(f"wrote {out}")
 
 

@@ -1,9 +1,10 @@
-"""Random-init models for tests that need a network but not trained weights."""
+"""Random-init models for tests and benchmarks that need a network but not trained weights."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import gfi_jax
 from gfi_jax.models import LoadedModel
@@ -28,4 +29,12 @@ def random_model(name: str, seed: int = 0) -> LoadedModel:
             a = np.zeros(v.shape)
         values.append(jnp.asarray(a, v.dtype))
     return LoadedModel(arch, jax.tree_util.tree_unflatten(treedef, values),
+                       classes=gfi_jax.imagenet_classes())
+
+
+def flax_init_model(name: str, seed: int = 0) -> LoadedModel:
+    """A zoo model with Flax's own random init (`arch.build(rngs=nnx.Rngs(seed))`): no
+    download, no torch."""
+    arch = gfi_jax.get_arch(name)
+    return LoadedModel(arch, nnx.state(arch.build(rngs=nnx.Rngs(seed))),
                        classes=gfi_jax.imagenet_classes())

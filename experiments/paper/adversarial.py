@@ -7,7 +7,7 @@ adversarial predictions, and how similar the true-class explanations of the clea
 adversarial image are (Pearson of the masks). Writes a figure: original | adversarial |
 GFI mask for the true class on the adversarial image | the masked image Φ.
 
-    python experiments/adversarial.py --data IMAGE [--label 867] [--epsilon 0.01] \
+    python -m experiments.paper.adversarial --data IMAGE [--label 867] [--epsilon 0.01] \
         [--out experiments/results/adversarial.png]
 
 Data: any image; the paper's is a trailer truck (ImageNet class 867). VGG-19 weights:
@@ -16,7 +16,6 @@ Data: any image; the paper's is a trailer truck (ImageNet class 867). VGG-19 wei
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import jax
@@ -27,8 +26,7 @@ import optax
 import gfi_jax
 from gfi_jax import io, viz
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from experiments import common
 
 PAPER = "trailer truck 95.8% -> container ship 48.0%; GFI still highlights the truck"
 
@@ -110,7 +108,7 @@ def main(argv=None, model=None) -> dict:
     viz.save_png(args.out, figure(model, r), palette=True)
     common.write_results(Path(args.out).with_suffix(".md"), f"Fig. 4: FGSM adversarial example "
                          f"({model.name}, {args.preset} preset)", lines,
-                         common.command("adversarial.py", argv))
+                         common.command("experiments.paper.adversarial", argv))
     print(f"wrote {args.out} and its .md")
     return r
 

@@ -7,7 +7,7 @@ and F_β (β² = 0.3) after binarizing at twice the map's mean, and MAE. The pap
 Fig. 8 as bar charts without numbers; its text says GFI is slightly better than SS and SIM
 and comparable with RC, FT, SF and BL, so the printed "paper" column is that statement.
 
-    python experiments/msra_saliency.py --data MSRA-B [--names test.txt] [--limit 500]
+    python -m experiments.paper.msra_saliency --data MSRA-B [--names test.txt] [--limit 500]
 
 Data (not downloaded by this script): MSRA-B (5000 images with pixel-wise masks, Jiang et
 al.'s DRFI release, "MSRA-B.zip"): `<stem>.jpg` images with `<stem>.png` masks in one folder
@@ -16,7 +16,6 @@ al.'s DRFI release, "MSRA-B.zip"): `<stem>.jpg` images with `<stem>.png` masks i
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,8 @@ from PIL import Image
 import gfi_jax
 from gfi_jax.metrics import salient_object
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import datasets  # noqa: E402
+from experiments import common
+from experiments.paper import datasets
 
 PAPER = "bars only (Fig. 8): GFI slightly better than SS and SIM on both metrics"
 
@@ -73,7 +71,7 @@ def main(argv=None, model=None) -> dict:
     print("\n".join(lines))
     common.write_results(args.results, f"Fig. 8: MSRA-B salient objects ({model.name}, "
                          f"{args.preset} preset, stage 1 only)", lines,
-                         common.command("msra_saliency.py", argv))
+                         common.command("experiments.paper.msra_saliency", argv))
     return res
 
 

@@ -5,8 +5,8 @@ and the final GFI masks for two classes (the paper: "African elephant" 95.3% and
 0.2%, classes 386 and 340). Fig. 5: rows of images, columns VGG-19 / ResNet-18 / AlexNet with
 the paper's layers for each (Sec. 4.1.4).
 
-    python experiments/figures.py --fig 3 --data elephant_zebra.jpg [--classes 386,340]
-    python experiments/figures.py --fig 5 --data a.jpg b.jpg [--models vgg19,resnet18,alexnet]
+    python -m experiments.paper.figures --fig 3 --data elephant_zebra.jpg [--classes 386,340]
+    python -m experiments.paper.figures --fig 5 --data a.jpg b.jpg [--models vgg19,resnet18,alexnet]
 
 Data: any images (the paper's are not published separately; ../shared/data/paper-samples has
 ImageNet validation images). Weights: `gfi-jax convert <arch> <torchvision .pth>` per model.
@@ -14,7 +14,6 @@ ImageNet validation images). Weights: `gfi-jax convert <arch> <torchvision .pth>
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,7 @@ import numpy as np
 import gfi_jax
 from gfi_jax import io, viz
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from experiments import common
 
 
 def fig3(model, path, classes, cfg: gfi_jax.Config, size: int = 224):

@@ -6,22 +6,22 @@ each of those alone, in the shapes of one stage-2 step, against a candidate repl
 checks that both compute the same values:
 
 - max pool (ResNet's 3×3/2 on 112², VGG's 2×2/2 on 224²): autodiff's select-and-scatter
-  against `layers._max_pool`'s masked backward;
+  against `cpu_kernels.max_pool`'s masked backward;
 - ResNet's stem (7×7/2, 3 → 64 channels): the strided convolution against the same
   convolution on the 2×2 space-to-depth input (12 channels, a 4×4 stride-1 kernel).
 
 `--cases resnet18-convs` times every distinct convolution of ResNet-18 at 224² instead, as the
-port runs it by default (`layers.conv_general_dilated`: on CPU the library with a
-hand-written input gradient), as autodiff of
+port runs it on CPU (`cpu_kernels.dense_conv`: the library with a hand-written input
+gradient), as autodiff of
 `lax.conv_general_dilated`, and rewritten without the convolution library: one matrix product
 over the k² shifted views side by side ("im2col"), the same per image (`lax.map`), and for
 3×3 stride-1 layers Winograd's F(2×2, 3×3) (16 products of 2.25× fewer FLOPs, plus tile
 transforms). Why: on CPU ResNet-18's attribution methods trail PyTorch's (issue 5), and this is
 where the time goes (experiments/results/bench_methods_cpu.md).
 
-    python experiments/bench_layers.py                      # accelerator: batch 1024, bfloat16
-    python experiments/bench_layers.py --batch 2 --dtype float32
-    python experiments/bench_layers.py --cases resnet18-convs --batch 32
+    python -m experiments.benchmarks.bench_layers           # accelerator: batch 1024, bfloat16
+    python -m experiments.benchmarks.bench_layers --batch 2 --dtype float32
+    python -m experiments.benchmarks.bench_layers --cases resnet18-convs --batch 32
 
 Prints a markdown table (ms per forward + input gradient, median of timed calls).
 """
@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bench_gfi import time_calls
-from gfi_jax.models import layers
+from gfi_jax.models import cpu_kernels
+
+from experiments.benchmarks.bench_gfi import time_calls
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -70,8 +71,8 @@ def stem_s2d(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def conv_port(s, p):
-    return lambda x, w: layers.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)),
-                                                    dimension_numbers=NHWC)
+    return lambda x, w: cpu_kernels.dense_conv(x, w, (s, s), ((p, p), (p, p)),
+                                               dimension_numbers=NHWC)
 
 
 def conv_autodiff(s, p):
@@ -79,9 +80,26 @@ def conv_autodiff(s, p):
                                                  dimension_numbers=NHWC)
 
 
+def im2col(x: jax.Array, w: jax.Array, s: tuple[int, int], pads) -> jax.Array:
+    """The conv as one product: the k² shifted, strided views of the padded input side by
+    side, `(N, oh, ow, k²·C)`, times the kernel as a `(k²·C, O)` matrix.
+
+    Faster than XLA:CPU's convolution library on small maps at small batches (ResNet-18's
+    7×7 layer4: bench_layers_cpu.md), but its summation order depends on the batch size on
+    XLA:CPU, so an image alone and in a batch differ in the last bits; the port keeps the
+    library."""
+    kh, kw, c, n_out = w.shape
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    oh, ow = (xp.shape[1] - kh) // s[0] + 1, (xp.shape[2] - kw) // s[1] + 1
+    cols = [xp[:, i:i + s[0] * (oh - 1) + 1:s[0], j:j + s[1] * (ow - 1) + 1:s[1], :]
+            for i in range(kh) for j in range(kw)]
+    cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    return lax.dot_general(cols, w.reshape(kh * kw * c, n_out), (((3,), (0,)), ((), ())))
+
+
 def conv_im2col(s, p):
-    """The port's matrix-product conv (`layers._im2col`), for the whole batch at once."""
-    return lambda x, w: layers._im2col(x, w, (s, s), ((p, p), (p, p)), None)
+    """`im2col` for the whole batch at once."""
+    return lambda x, w: im2col(x, w, (s, s), ((p, p), (p, p)))
 
 
 def conv_im2col_per_image(s, p):
@@ -144,11 +162,11 @@ RESNET18_CONVS = [
 
 
 def pool_plain(k, s, pad):
-    return lambda x: layers._max_pool_plain(x, k, s, pad)
+    return lambda x: cpu_kernels.plain_max_pool(x, k, s, pad)
 
 
 def pool_masked(k, s, pad):
-    return lambda x: layers._max_pool(x, k, s, pad)
+    return lambda x: cpu_kernels.max_pool(x, k, s, pad)
 
 
 def fwd_bwd(f, x, *rest):
@@ -200,7 +218,7 @@ def main() -> int:
     ]
     print(f"# Layers, forward + input gradient: {jax.devices()[0].device_kind}, batch {B}, "
           f"{args.dtype}\n")
-    print(f"- command: `python experiments/bench_layers.py {' '.join(sys.argv[1:])}`\n")
+    print(f"- command: `python -m experiments.benchmarks.bench_layers {' '.join(sys.argv[1:])}`\n")
     print("| layer | variant | ms | GFLOP/s | max abs diff to the first variant "
           "(output, gradient) |")
     print("|---|---|---:|---:|---|")

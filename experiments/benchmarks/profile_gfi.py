@@ -5,8 +5,8 @@ the trace it wrote and prints, as markdown: the wall time of the call, the time 
 busy (union of kernel intervals), the time per kernel class (convolution, matmul, XLA fusion,
 copy/transpose, other) and the top kernels by total time.
 
-    python experiments/profile_gfi.py --model resnet18 --dtype bfloat16 --batch 256
-    python experiments/profile_gfi.py --model vgg19 --batch 1 --stage1-steps 2 --stage2-steps 2
+    python -m experiments.benchmarks.profile_gfi --model resnet18 --dtype bfloat16 --batch 256
+    python -m experiments.benchmarks.profile_gfi --model vgg19 --batch 1 --stage1-steps 2 --stage2-steps 2
 
 On CPU (no device streams in the trace) the host threads' XLA ops are summed instead.
 """
@@ -131,7 +131,7 @@ def main() -> int:
     print(f"# Profile: {args.model} {args.dtype} batch {args.batch} at {args.size}², preset "
           f"`{args.preset}` ({cfg.stage1_steps} + {cfg.stage2_steps} steps) on "
           f"{jax.devices()[0].device_kind}\n")
-    print(f"- command: `python experiments/profile_gfi.py {' '.join(sys.argv[1:])}`")
+    print(f"- command: `python -m experiments.benchmarks.profile_gfi {' '.join(sys.argv[1:])}`")
     print(f"- wall time of the traced call: {wall:.3f} s ({args.batch / wall:.3g} img/s, "
           f"{wall / steps * 1e3:.2f} ms per Adam step); analytic {fl / 1e12:.3f} TFLOP → "
           f"{fl / wall / 1e12:.1f} TFLOP/s")

@@ -3,7 +3,8 @@
 Written only from the paper text (Sec. 3, Algorithms 1-2, Sec. 4.1.1) and from
 /work/shared/paper/authors-code-behaviour.md (the table of how the released code differs).
 Two presets: ``paper`` follows the text, ``reference`` follows the released code.
-Import from a test as ``from gfi_oracle import ...`` (pytest puts tests/ on sys.path).
+Import it as ``from gfi_jax.testing import oracle``; it needs torch (the test extra:
+``pip install -e ".[test]"``), so nothing in the shipped package imports it.
 
 Choices where the texts are silent or ambiguous (the JAX engine must mirror them):
   C1  Batch: one torch.optim.Adam over a (B, C1) omega; the backpropagated loss is the SUM of the

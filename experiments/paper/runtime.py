@@ -5,15 +5,14 @@ at a larger batch.
 Compilation is excluded (one warm-up call per shape); each timing is the median of --repeat
 calls of `gfi_jax.explain` on the images in --data, resized to 224×224.
 
-    python experiments/runtime.py --data ../shared/data/paper-samples [--models vgg19,resnet18,alexnet] \
-        [--batch 8] [--repeat 3]
+    python -m experiments.paper.runtime --data ../shared/data/paper-samples \
+        [--models vgg19,resnet18,alexnet] [--batch 8] [--repeat 3]
 
 Data: any folder of images. Weights: `gfi-jax convert <arch> <torchvision .pth>` per model.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -22,9 +21,9 @@ import numpy as np
 
 import gfi_jax
 from gfi_jax import io
+from gfi_jax.testing.random_models import flax_init_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from experiments import common
 
 PAPER = {"vgg19": 8.04, "resnet18": 6.43, "alexnet": 4.82}   # s / image, batch 1, GPU
 
@@ -38,14 +37,6 @@ def seconds_per_image(model, x: np.ndarray, cfg, repeat: int = 3) -> float:
         gfi_jax.explain(model, x, preset=cfg)   # returns numpy: the work is done
         times.append(time.perf_counter() - t0)
     return float(np.median(times)) / len(x)
-
-
-def random_model(name: str):
-    """`name` with Flax's random initialization and the ImageNet class list."""
-    from flax import nnx
-    arch = gfi_jax.get_arch(name)
-    return gfi_jax.LoadedModel(arch, nnx.state(arch.build(rngs=nnx.Rngs(0))),
-                               classes=gfi_jax.imagenet_classes())
 
 
 def main(argv=None, models: dict | None = None) -> dict:
@@ -66,8 +57,8 @@ def main(argv=None, models: dict | None = None) -> dict:
     if not files:
         raise ValueError(f"{data}: no images; expected a folder of .jpg/.png files or one image")
     if models is None:
-        models = {n: random_model(n) if args.random_init else gfi_jax.load_model(n, weights=args.weights)
-                  for n in args.models.split(",")}
+        models = {n: flax_init_model(n) if args.random_init
+                  else gfi_jax.load_model(n, weights=args.weights) for n in args.models.split(",")}
     cfg = common.gfi_config(args)
     rows, out = [], {}
     for name, m in models.items():
@@ -89,7 +80,7 @@ def main(argv=None, models: dict | None = None) -> dict:
     path = args.results if args.results is not None else str(
         common.RESULTS / f"runtime_{jax.default_backend()}.md")
     common.write_results(path, "Runtime: seconds per explained image", lines,
-                         common.command("runtime.py", argv))
+                         common.command("experiments.paper.runtime", argv))
     return out
 
 

@@ -6,7 +6,7 @@
 # so they go in two calls on the same warm machine (paths a call does not carry stay there):
 #   here:   mkdir -p build/device_data && cp -r ../shared/data/imagenet-samples build/device_data/
 #   call 1: run `true`, carry build/device_data
-#   call 2: run `bash experiments/gpu_offline.sh`, carry build/device (see gpu_session.sh)
+#   call 2: run `bash experiments/quality/gpu_offline.sh`, carry build/device (see gpu_session.sh)
 # Scores are stored per item after every batch, so a call cut by its time limit is resumed
 # by running call 2 again (without a carry, so nothing on the machine is replaced).
 #

@@ -1,7 +1,7 @@
 """FLOPs per GFI explanation: XLA's cost analysis of the compiled program against the analytic
 count (forward + input-gradient FLOPs of every step), per model and preset.
 
-    python experiments/flops.py [--models vgg19,resnet18,...] [--size 224]
+    python -m experiments.benchmarks.flops [--models vgg19,resnet18,...] [--size 224]
 
 Random-init weights (FLOPs do not depend on the values). Writes experiments/results/flops.md.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import gfi_jax
 from gfi_jax import gfi as G
 from gfi_jax.models import ARCHS, LoadedModel, imagenet_classes
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiments import common
 
 
 def main() -> int:
@@ -29,7 +28,7 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(ARCHS))
     ap.add_argument("--presets", default="reference,paper")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--out", default=str(ROOT / "experiments/results/flops.md"))
+    ap.add_argument("--out", default=str(common.RESULTS / "flops.md"))
     args = ap.parse_args()
     rows = ["| model | preset | l0 / l1 | forward GFLOP | analytic GFLOP / explanation | "
             "XLA GFLOP / explanation | XLA / analytic |", "|---|---|---|---|---|---|---|"]
@@ -47,7 +46,7 @@ def main() -> int:
             print(rows[-1], file=sys.stderr)
     text = "\n".join([
         f"# FLOPs per GFI explanation at {args.size}×{args.size}", "",
-        f"- command: `python {' '.join(sys.argv)}`",
+        f"- command: `{common.command('experiments.benchmarks.flops', None)}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; jax {jax.__version__} "
         f"({jax.default_backend()}); {time.time() - t0:.0f} s", "",
         "analytic = F (clean forward) + S₁·2·F_l0 (stage 1: forward to l0 + input gradient) + "
@@ -60,8 +59,8 @@ def main() -> int:
         *rows, ""])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".tmp").write_text(text)
-    os.replace(out.with_suffix(".tmp"), out)
+    from gfi_jax.files import atomic_write_text
+    atomic_write_text(out, text)
     print(text)
     return 0
 

@@ -7,7 +7,7 @@ compared with the ground-truth boxes (IoU >= 0.5 is a hit), and the error per α
 next to the paper's numbers (Table 1: 38.2% at α = 1.1; Fig. 6: 50.1% at α = 0, lowest at
 α = 1.5; Table 2: l1 in pool4 / conv5_3 / conv5_4 / pool5).
 
-    python experiments/imagenet_localization.py --data VAL_IMAGES --boxes VAL_XMLS \
+    python -m experiments.paper.imagenet_localization --data VAL_IMAGES --boxes VAL_XMLS \
         --synsets LOC_synset_mapping.txt [--blacklist ILSVRC2014_clsloc_validation_blacklist.txt] \
         [--methods gfi,grad,guided_backprop,gradcam] [--layers-ablation] [--limit 1000]
 
@@ -25,17 +25,14 @@ scored on |map|; CAM needs a global-average-pooling model, so for VGG-19 use gra
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
 import gfi_jax
 from gfi_jax.metrics import ALPHAS, localization_error
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import datasets  # noqa: E402
+from experiments import common
+from experiments.paper import datasets
 
 # Table 1: method -> (optimal α, error %); the baselines' errors are quoted from Fong & Vedaldi.
 PAPER_T1 = {"grad": (5.0, 41.7), "guided_backprop": (4.5, 42.0), "lrp": (1.0, 57.8),
@@ -138,7 +135,7 @@ def main(argv=None, model=None) -> dict:
     print("\n".join(lines))
     out = common.RESULTS / f"{name}.md" if args.results is None else args.results
     common.write_results(out, f"{title} ({model.name}, {args.preset} preset)", lines,
-                         common.command("imagenet_localization.py", argv))
+                         common.command("experiments.paper.imagenet_localization", argv))
     return res
 
 if __name__ == "__main__":

