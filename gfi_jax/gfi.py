@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gfi_jax.jaxpr_cut import class_gradient
+
 Features = Callable[[Any, jax.Array, Sequence[str]], dict]
 
 
@@ -49,6 +51,9 @@ class Config:
     lr_every: int = 10
     decay_in_stage1: bool = True           # … counted from the first step of stage 1, or
     restart_stage2: bool = False           # a fresh Adam (and schedule) for stage 2
+    stage2_init: Literal["stage1", "gradient", "gated"] = "stage1"   # ω when stage 2 starts:
+                                           # stage 1's, the class gradient at l1, or stage 1's
+                                           # gated by it (see `stage2_start`)
     adam_eps: float = 1e-8
     omega_init: float = 0.1
     omega_max: float | None = 1e5          # projection: ω ← clip(ω, omega_min, omega_max)
@@ -299,7 +304,7 @@ def optimizer(cfg: Config, schedule: optax.Schedule) -> optax.GradientTransforma
 def lr_trace(cfg: Config) -> np.ndarray:
     """The step size of every step, stage 1 then stage 2: `(stage1_steps + stage2_steps,)`."""
     s1, s2 = schedules(cfg)
-    off = 0 if cfg.restart_stage2 else cfg.stage1_steps
+    off = 0 if cfg.restart_stage2 or cfg.stage2_init != "stage1" else cfg.stage1_steps
     return np.array([float(s1(t)) for t in range(cfg.stage1_steps)]
                     + [float(s2(t + off)) for t in range(cfg.stage2_steps)], np.float32)
 
@@ -690,6 +695,31 @@ def stage2(problem: Problem, c: jax.Array, omega: jax.Array, state,
     return descend(loss, opt, omega, state, cfg.stage2_steps, cfg.trace_omega, unroll)
 
 
+def stage2_start(problem: Problem, c: jax.Array, omega1: jax.Array) -> jax.Array:
+    """ω for stage 2 from the class c's gradient at l1 (cfg.stage2_init "gradient" / "gated").
+
+    Stage 1 fits ω to reconstruct the whole image, class-blind; in a scene of several objects
+    stage 2 then has to move ω far, and the decayed schedule lets it move each ω by about 0.2
+    in total. Grad-CAM's channel weights α_c = mean over the grid of ∂logit_c/∂f^{l1} say which
+    channels raise c; their positive part (ω ≥ 0) is a class-specific start ("gradient"), or
+    gates stage 1's ω ("gated"). Each l1 layer's part is scaled to mean `omega_init`, the scale
+    Adam's steps are sized for (the normalized mask does not depend on it); a layer with no
+    positive α keeps stage 1's ω."""
+    pb, cfg = problem, problem.cfg
+    parts, start = [], 0
+    for layer, n in zip(cfg.l1.split("+"), pb.splits):
+        _, g, _ = class_gradient(pb.features, pb.params, pb.x, layer, c)
+        alpha = jnp.maximum(g.mean(axis=(1, 2)), 0.0).astype(omega1.dtype)
+        w1 = omega1[:, start:start + n]
+        if cfg.stage2_init == "gated":
+            alpha = alpha * w1
+        mean = alpha.mean(axis=1, keepdims=True)
+        parts.append(jnp.where(mean > 0, alpha * (cfg.omega_init / jnp.where(mean > 0, mean, 1.0)),
+                               w1))
+        start += n
+    return jnp.concatenate(parts, axis=1)
+
+
 def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.Array,
                p: jax.Array | None, cfg: Config, unroll: bool = False) -> dict[str, jax.Array]:
     k = targets.shape[1]
@@ -706,8 +736,12 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
     # Stage 2 runs per (image, target): repeat each image's stage-1 result k times.
     problem, c = problem.repeat(k), targets.reshape(-1)
     omega = _repeat(omega, k)
-    state = opt2.init(omega) if cfg.restart_stage2 else jax.tree.map(
-        functools.partial(_repeat, k=k), state)
+    if cfg.stage2_init != "stage1":   # a new start: a fresh Adam, its schedule from step 0
+        omega = stage2_start(problem, c, omega)
+        state = opt2.init(omega)
+    else:
+        state = opt2.init(omega) if cfg.restart_stage2 else jax.tree.map(
+            functools.partial(_repeat, k=k), state)
     (omega, _), (trace2, omegas2) = stage2(problem, c, omega, state, opt2, unroll)
     return _outputs(problem, c, omega, logits, k, (trace1, omegas1), (trace2, omegas2))
 
@@ -881,7 +915,7 @@ def flops(model, cfg: Config, hw: tuple[int, int] = (224, 224),
     analytic: forward + input-gradient FLOPs of the convolutions and matmuls over all steps —
     the clean forward F, stage 1 S₁·(F_l0 forward + F_l0 input gradient), stage 2
     S₂·2·(F + F) for Φ and Φ_bg, and the final 2F scoring pass (an input gradient costs what
-    the forward costs). xla: `cost_analysis()` of the compiled program. XLA counts a loop body
+    the forward costs); a gradient start of stage 2 adds 2F per l1 layer. xla: `cost_analysis()` of the compiled program. XLA counts a loop body
     once, so the program is compiled with unrolled loops at 1–2 steps per stage and the
     (exactly linear) step dependence is extrapolated to the configured step counts.
     compile=False reads the cost analysis of the lowered (unoptimized) program instead:
@@ -904,6 +938,8 @@ def _flops(model, cfg: Config, hw: tuple[int, int], compile: bool) -> dict[str, 
     f_full, f_l0 = fwd(("logits",)), fwd((l0,))
     s1, s2 = cfg.stage1_steps, cfg.stage2_steps
     analytic = f_full + s1 * 2 * f_l0 + s2 * 4 * f_full + 2 * f_full
+    if cfg.stage2_init != "stage1":   # `stage2_start`: a forward and a backward per l1 layer
+        analytic += 2 * f_full * len(cfg.l1.split("+"))
 
     def xla(n1: int, n2: int) -> float:
         c = dataclasses.replace(cfg, stage1_steps=n1, stage2_steps=n2)

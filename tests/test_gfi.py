@@ -413,3 +413,52 @@ def test_normalization_gradients(how):
     with pytest.raises(ValueError, match="norm_grad"):
         G.normalize(m, how, grad="soft")
 
+
+def _toy_problem(cfg, c):
+    """l1 = relu(x) (3 channels), logits = mean over the grid of l1 · w: ∂logit_c/∂l1 is
+    w[:, c] / (H·W) at every pixel, so Grad-CAM's α_c is w[:, c] / (H·W)."""
+    w = jnp.asarray([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0], [-1.0, 0.0, 2.0]], jnp.float32)
+
+    def features(params, x, names):
+        h = gfi_jax.models.layers.relu(x)
+        out = {"h": h, "logits": jnp.einsum("nhwc,ck->nk", h, params) / (x.shape[1] * x.shape[2])}
+        return {n: out[n] for n in names}
+
+    x = jnp.asarray(np.random.RandomState(0).rand(2, 4, 4, 3), jnp.float32)
+    cfg = dataclasses.replace(cfg, l0="h", l1="h")
+    return G.Problem(features, w, x, x * 0, features(w, x, ("h",))["h"], (3,), cfg), w
+
+
+@pytest.mark.parametrize("init", ["gradient", "gated"])
+def test_stage2_start_is_the_positive_class_gradient_scaled(init):
+    cfg = gfi_jax.preset("reference", stage2_init=init, omega_init=0.1)
+    c = jnp.array([0, 2])
+    problem, w = _toy_problem(cfg, c)
+    omega1 = jnp.asarray([[1.0, 2.0, 4.0], [1.0, 1.0, 1.0]], jnp.float32)
+    start = np.asarray(G.stage2_start(problem, c, omega1))
+    alpha = np.maximum(np.asarray(w)[:, [0, 2]].T, 0)          # (N, C): the positive part
+    if init == "gated":
+        alpha = alpha * np.asarray(omega1)
+    expected = alpha * 0.1 / alpha.mean(axis=1, keepdims=True)   # mean ω = omega_init
+    np.testing.assert_allclose(start, expected, rtol=1e-6)
+    # A class whose gradient is negative at every channel keeps stage 1's ω.
+    none = np.asarray(G.stage2_start(dataclasses.replace(problem, params=-jnp.abs(w)),
+                                     c, omega1))
+    np.testing.assert_array_equal(none, np.asarray(omega1))
+
+
+def test_gradient_start_of_stage2(resnet, images):
+    """A gradient start changes the result, keeps masks finite and in [0, 1], starts stage 2's
+    schedule afresh, and an image still gets the same answer alone as in its batch."""
+    base = gfi_jax.preset("reference", **SHORT)
+    grad = dataclasses.replace(base, stage2_init="gradient")
+    a, b = gfi_jax.explain(resnet, images, preset=base), gfi_jax.explain(resnet, images, preset=grad)
+    assert not np.array_equal(a.mask, b.mask)
+    assert np.isfinite(b.mask).all() and 0 <= b.mask.min() and b.mask.max() <= 1
+    alone = gfi_jax.explain(resnet, images[1:2], preset=grad)
+    np.testing.assert_array_equal(b.mask[1:2], alone.mask)
+    lr = G.lr_trace(dataclasses.replace(grad, stage1_steps=11, stage2_steps=69))
+    assert lr[11] == pytest.approx(1e-2)   # stage 2 starts at the full step size again
+    f = G.flops(resnet, grad, (64, 64), compile=False)
+    f0 = G.flops(resnet, base, (64, 64), compile=False)
+    assert f["analytic"] == pytest.approx(f0["analytic"] + 2 * f0["forward"])
