@@ -129,15 +129,14 @@ def test_integrated_gradients_matches(case):
         return
     # VGG-16 max-pools every block: at some interpolation points a 2×2 window holds two
     # activations equal up to float32 rounding (seen: 0.162046 67 vs 69), and which one gets
-    # the gradient flips with the last bit, in PyTorch as well. How many flip depends on the
-    # CPU's kernels: on one machine 1% of the pixels moved, on an AVX2-only one (2026-12-02)
-    # Captum's float32 map differs from its own float64 one at 11% of the pixels (by up to
-    # 0.4%), ours at 16% (up to 2%), while in float64 the two agree to 1e-7. So: in float32
-    # the bulk of the map and a bound on the rest; in float64, where no pool is near a tie,
-    # strict, as for Lite0 above.
-    err = np.abs(ours - theirs) / np.abs(theirs).max()
-    assert np.median(err) <= RTOL and err.max() < 5e-2
+    # the gradient flips with the last bit, in PyTorch as well (Captum in float32 vs float64
+    # differ by 0.26% on this input). So: 1e-4 on almost every pixel, and bounded elsewhere;
+    # and in float64, where no pool is near a tie, strict, as for Lite0 above. (How many
+    # pools flip depends on the CPU: on an AVX2-only machine, 2026-12-02, 27% of the pixels
+    # moved in float32, in the tree before the consolidation too; float64 agreed to 1e-7.)
     _integrated_gradients_agree_in_float64(m, ref, x, xt, t, method)
+    err = np.abs(ours - theirs) / np.abs(theirs).max()
+    assert np.mean(err > RTOL) < 0.01 and err.max() < 1e-2
 
 
 def _integrated_gradients_agree_in_float64(m, ref, x, xt, t, method):
