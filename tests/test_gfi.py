@@ -68,9 +68,14 @@ def test_stage1_runs_once_per_image_and_is_shared_across_targets(resnet, images)
     np.testing.assert_array_equal(two.target.reshape(-1, 2), ranked)
     np.testing.assert_array_equal(two.image_index, np.repeat(np.arange(len(images)), 2))
     trace = two.loss_trace.reshape(len(images), 2, -1)
+    # Stage 1 ran once per image and was shared: exactly the single-target run's stage 1.
     np.testing.assert_array_equal(trace[:, 0, :s1], trace[:, 1, :s1])
-    np.testing.assert_array_equal(trace[:, 0], one.loss_trace)
-    np.testing.assert_array_equal(two.omega[::2], one.omega)
+    np.testing.assert_array_equal(trace[:, :, :s1], np.repeat(one.loss_trace[:, None, :s1], 2, 1))
+    # Stage 2 of the first target is the single-target run's to float32 rounding, not bitwise:
+    # its rows sit at other positions in the batch (see `gfi.gfi`'s docstring). Seen on an
+    # AVX2-only CPU: 7 of 2048 ω one ulp apart; bitwise on the earlier CPU.
+    np.testing.assert_allclose(trace[:, 0], one.loss_trace, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(two.omega[::2], one.omega, rtol=1e-6, atol=0)
     # Explicit (B, K) targets and the k-th ranked class.
     explicit = gfi_jax.explain(resnet, images, targets=ranked, preset=cfg)
     np.testing.assert_array_equal(explicit.omega, two.omega)

@@ -8,6 +8,7 @@ of some images is chaotic in the rounding: see `compare`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import jax
@@ -40,8 +41,11 @@ def pearson(a, b):
     return float((a * b).sum() / den) if den > 0 else float(np.array_equal(a, b))
 
 
-def compare(model, torch_features, images, name, l0, l1, strict=True, **extra):
-    """extra: fields named alike in both configs (log_suppress, area), set on both sides."""
+def compare(model, torch_features, images, name, l0, l1, strict=True, stages=(1, 2),
+            final=True, **extra):
+    """extra: fields named alike in both configs (log_suppress, area), set on both sides.
+    stages: whose first five steps are compared in float32 (the rest go to compare_float64);
+    final=False: the float32 final masks are not compared (chaotic: see the caller)."""
     cfg = gfi_jax.preset(name, l0=l0, l1=l1, **extra)
     p = np.asarray(G.gaussian_blur(images, cfg.blur_sigma))
     target = np.asarray(model(images)["logits"]).argmax(1)
@@ -52,6 +56,8 @@ def compare(model, torch_features, images, name, l0, l1, strict=True, **extra):
     # Step 0 is a pure forward + loss evaluation: it agrees to float32 round-off.
     np.testing.assert_allclose(ours.loss_trace[:, 0], ref["loss"][:, 0], rtol=1e-5)
     r = [pearson(a, b) for a, b in zip(ours.mask, ref["mask"])]
+    if not final:
+        return r
     # Real weights in float32 (strict=False): the final mask of some images is chaotic in the
     # rounding. Measured for the `reference` preset on the three images below: Pearson 0.970,
     # 0.500, 0.945 against the oracle, after a change of summation order in the depthwise
@@ -65,25 +71,27 @@ def compare(model, torch_features, images, name, l0, l1, strict=True, **extra):
         np.testing.assert_allclose(ours.loss_trace[:, :5], ref["loss"][:, :5], rtol=1e-3,
                                    err_msg=f"{name}: stage-1 loss, first 5 steps")
         return r
-    early_steps_agree(ours, ref, cfg, name)
+    early_steps_agree(ours, ref, cfg, name, stages)
     return r
 
 
-def early_steps_agree(ours, ref, cfg, name):
+def early_steps_agree(ours, ref, cfg, name, stages=(1, 2)):
     """Loss and ω over the first five steps of each stage agree to 1e-4 relative."""
     s1 = cfg.stage1_steps
     np.testing.assert_allclose(ours.loss_trace[:, :5], ref["loss"][:, :5], rtol=1e-4,
                                err_msg=f"{name}: stage-1 loss, first 5 steps")
     # Stage-2 losses are −f_c(Φ) + λ f_c(Φ_bg) + penalty: differences of probabilities that
     # nearly cancel, so they are compared on the probability scale (atol) as well.
-    np.testing.assert_allclose(ours.loss_trace[:, s1:s1 + 5], ref["loss"][:, s1:s1 + 5],
-                               rtol=1e-4, atol=1e-4, err_msg=f"{name}: stage-2 loss, first 5 steps")
+    if 2 in stages:
+        np.testing.assert_allclose(ours.loss_trace[:, s1:s1 + 5], ref["loss"][:, s1:s1 + 5],
+                                   rtol=1e-4, atol=1e-4,
+                                   err_msg=f"{name}: stage-2 loss, first 5 steps")
     # ω of one image is a vector: it agrees to 1e-4 relative in norm at every early step
     # where ω has not collapsed (relative error means nothing at ω ≈ 0: the released code's
     # 5Σω² drives ω to ~0 by the end of stage 1, and stage 2 starts there). Single coordinates
     # whose gradient is ~0 can move by a few 1e-4 of ‖ω‖: Adam's eps turns rounding-level
     # gradients into steps of up to lr, the noise the engine issue describes.
-    early = np.r_[0:5, s1:s1 + 5]
+    early = np.r_[0:5, s1:s1 + 5] if 2 in stages else np.r_[0:5]
     a, b = ours.omega_trace[:, early], ref["omega_trace"][:, early]
     norm = np.linalg.norm(b, axis=-1)
     alive = norm >= 0.1 * cfg.omega_init * np.sqrt(b.shape[-1])
@@ -161,14 +169,52 @@ def test_vgg19_random_weights_64px(vgg19, name, extra):
     l0, l1 = ("pool5", "conv5_4") if name == "paper" else ("pool5", "pool5")
     extra = dict(extra)
     l1 = extra.pop("l1", l1)
-    if name != "contrastive":
+    if name == "reference":
         compare(model, features, smooth_images(2, 64), name, l0, l1, **extra)
+        return
+    if name == "paper":
+        # Stage 2 starts after 11 stage-1 steps in which the float32 rounding grows ~10× a step
+        # (the paper's γ‖ω‖₁ and 5Σω²): 1.4e-4 in ω at stage 2's first step on an AVX2-only CPU,
+        # 2026-12-02, under 1e-4 on the earlier CPU. So stage 2's early steps are compared in
+        # float64, where that growth starts from 1e-16; the float32 final masks strictly.
+        compare(model, features, smooth_images(2, 64), name, l0, l1, stages=(1,), **extra)
+        compare_float64(model, net, features, smooth_images(2, 64), name, l0, l1, **extra)
         return
     # The log terms' gradients are large where the random net gives c a probability of ~e⁻⁵,
     # so float32 rounding is amplified from the second stage-2 step on (1e-3 relative in the
-    # loss at step s1 + 4): the early steps are checked strictly in float64 instead.
-    compare(model, features, smooth_images(2, 64), name, l0, l1, strict=False, **extra)
+    # loss at step s1 + 4): the early steps are checked strictly in float64 instead. With the
+    # log of Φ_bg's score and the area term the float32 final mask is chaotic in the rounding
+    # (Pearson 0.71 for one image on an AVX2-only CPU, over 0.9 on the earlier one), while the
+    # whole schedule in float64 agrees to 0.99999: that run is test_vgg19_whole_schedule_float64
+    # (~8 minutes, opt-in), and the float32 final masks of that variant are not compared.
+    chaotic = extra.get("log_suppress", False)
+    compare(model, features, smooth_images(2, 64), name, l0, l1, strict=False,
+            final=not chaotic, **extra)
     compare_float64(model, net, features, smooth_images(2, 64), name, l0, l1, **extra)
+
+
+@pytest.mark.skipif(os.environ.get("GFI_JAX_SLOW_TESTS") != "1",
+                    reason="whole-schedule float64 oracle run (~8 min on 2 cores): "
+                           "set GFI_JAX_SLOW_TESTS=1")
+def test_vgg19_whole_schedule_float64(vgg19):
+    """The chaotic float32 variant above, all 82 steps on both sides in float64."""
+    model, features, net = vgg19
+    extra = {"log_suppress": True, "area": 2.0}
+    cfg = gfi_jax.preset("contrastive", l0="pool5", l1="pool5", **extra)
+    x = smooth_images(2, 64).astype(np.float64)
+    with jax.enable_x64(True):
+        m64 = model.astype("float64")
+        p = np.asarray(G.gaussian_blur(jax.numpy.asarray(x), cfg.blur_sigma))
+        target = np.asarray(m64(x)["logits"]).argmax(1)
+        ours = gfi_jax.explain(m64, x, targets=target, preset=cfg, background=p)
+    net.double()
+    try:
+        ref = O.explain(features, nchw(x), nchw(p), target, "pool5", "pool5",
+                        ORACLE["contrastive"](**extra), dtype=torch.float64)
+    finally:
+        net.float()
+    r = [pearson(a, b) for a, b in zip(ours.mask, ref["mask"])]
+    assert min(r) >= 0.999, r
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real images not found at {SAMPLES}")
