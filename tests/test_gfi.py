@@ -72,8 +72,10 @@ def test_stage1_runs_once_per_image_and_is_shared_across_targets(resnet, images)
     np.testing.assert_array_equal(trace[:, 0, :s1], trace[:, 1, :s1])
     np.testing.assert_array_equal(trace[:, :, :s1], np.repeat(one.loss_trace[:, None, :s1], 2, 1))
     # Stage 2 of the first target is the single-target run's to float32 rounding, not bitwise:
-    # its rows sit at other positions in the batch (see `gfi.gfi`'s docstring). Seen on an
-    # AVX2-only CPU: 7 of 2048 ω one ulp apart; bitwise on the earlier CPU.
+    # with two targets an image's stage 2 runs on two rows where the single-target run has one,
+    # and XLA:CPU's kernels round differently for other batch sizes (see `gfi.gfi`). Seen on an
+    # AVX2-only CPU: 7 of 2048 ω one ulp apart; bitwise on the earlier CPU. Bitwise would need
+    # stage 2 run row by row in the sequential mode (a change to the engine, not made yet).
     np.testing.assert_allclose(trace[:, 0], one.loss_trace, rtol=1e-6, atol=0)
     np.testing.assert_allclose(two.omega[::2], one.omega, rtol=1e-6, atol=0)
     # Explicit (B, K) targets and the k-th ranked class.
