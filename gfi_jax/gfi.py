@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gfi_jax.frontend import default_sequential
 from gfi_jax.jaxpr_cut import class_gradient
 
 Features = Callable[[Any, jax.Array, Sequence[str]], dict]
@@ -551,13 +552,14 @@ def gfi(features: Features, params: Any, images: jax.Array, targets: jax.Array,
     bitwise it does not, because convolution kernels round differently for different batch
     sizes (XLA:CPU's GEMM tiling puts an image's rows at other tile positions). With
     `sequential=True` the images go through one after another (`lax.map`) inside the same
-    program, so each image runs exactly the computation it runs alone.
+    program, and with K > 1 targets so do an image's stage-2 rows (`rowwise`), so each
+    (image, target) runs exactly the computation it runs alone, as its image's only target.
     """
     if not sequential:
         return _gfi_batch(features, params, images, targets, p, cfg)
     B, K = targets.shape
     one = lambda a: _gfi_batch(features, params, a[0][None], a[1][None],  # noqa: E731
-                               None if a[2] is None else a[2][None], cfg)
+                               None if a[2] is None else a[2][None], cfg, rows_alone=True)
     out = jax.lax.map(one, (images, targets, p))
     return jax.tree.map(lambda a: a.reshape(B * K, *a.shape[2:]), out)
 
@@ -695,6 +697,34 @@ def stage2(problem: Problem, c: jax.Array, omega: jax.Array, state,
     return descend(loss, opt, omega, state, cfg.stage2_steps, cfg.trace_omega, unroll)
 
 
+def rowwise(fn: Callable, problem: Problem, *rows: jax.Array):
+    """`fn(problem, *rows)` for one row after another (`lax.map`), as if each row were the
+    whole problem: XLA:CPU's kernels round otherwise for a batch of K rows than for one, so
+    this is how each (image, target) gets exactly its single-target answer."""
+    def one(row):
+        x, p, f1, *rest = row
+        pb = dataclasses.replace(problem, x=x[None], p=p[None], f1=f1[None])
+        return jax.tree.map(lambda a: a[0], fn(pb, *(r[None] for r in rest)))
+    return jax.lax.map(one, (problem.x, problem.p, problem.f1, *rows))
+
+
+def stage2_rows(problem: Problem, c: jax.Array, omega: jax.Array, state,
+                opt: optax.GradientTransformation, unroll: bool = False):
+    """`stage2`, row by row (`rowwise`); the final Adam state is not returned."""
+    leaves, tree = jax.tree.flatten(state)
+    per_row = [a.ndim > 0 for a in leaves]   # Adam's moments per row; step counts shared
+
+    def one(pb, c1, w, *moments):
+        it = iter(moments)
+        st = tree.unflatten([next(it) if r else a for a, r in zip(leaves, per_row)])
+        (w, _), (trace, omegas) = stage2(pb, c1, w, st, opt, unroll)
+        return w, trace.T, None if omegas is None else omegas.transpose(1, 0, 2)
+
+    moments = [a for a, r in zip(leaves, per_row) if r]
+    omega, trace, omegas = rowwise(one, problem, c, omega, *moments)
+    return (omega, None), (trace.T, None if omegas is None else omegas.transpose(1, 0, 2))
+
+
 def stage2_start(problem: Problem, c: jax.Array, omega1: jax.Array) -> jax.Array:
     """ω for stage 2 from the class c's gradient at l1 (cfg.stage2_init "gradient" / "gated").
 
@@ -721,7 +751,8 @@ def stage2_start(problem: Problem, c: jax.Array, omega1: jax.Array) -> jax.Array
 
 
 def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.Array,
-               p: jax.Array | None, cfg: Config, unroll: bool = False) -> dict[str, jax.Array]:
+               p: jax.Array | None, cfg: Config, unroll: bool = False,
+               rows_alone: bool = False) -> dict[str, jax.Array]:
     k = targets.shape[1]
     x = images.astype(accumulation_dtype(images.dtype))
     p = background(x, cfg) if p is None else p.astype(x.dtype)
@@ -736,23 +767,31 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
     # Stage 2 runs per (image, target): repeat each image's stage-1 result k times.
     problem, c = problem.repeat(k), targets.reshape(-1)
     omega = _repeat(omega, k)
+    rows_alone = rows_alone and k > 1
     if cfg.stage2_init != "stage1":   # a new start: a fresh Adam, its schedule from step 0
-        omega = stage2_start(problem, c, omega)
+        omega = (rowwise(stage2_start, problem, c, omega) if rows_alone
+                 else stage2_start(problem, c, omega))
         state = opt2.init(omega)
     else:
         state = opt2.init(omega) if cfg.restart_stage2 else jax.tree.map(
             functools.partial(_repeat, k=k), state)
-    (omega, _), (trace2, omegas2) = stage2(problem, c, omega, state, opt2, unroll)
-    return _outputs(problem, c, omega, logits, k, (trace1, omegas1), (trace2, omegas2))
+    run2 = stage2_rows if rows_alone else stage2
+    (omega, _), (trace2, omegas2) = run2(problem, c, omega, state, opt2, unroll)
+    return _outputs(problem, c, omega, logits, k, (trace1, omegas1), (trace2, omegas2),
+                    rows_alone)
 
 
 def _outputs(problem: Problem, c: jax.Array, omega: jax.Array, logits: jax.Array, k: int,
-             stage1_out, stage2_out) -> dict[str, jax.Array]:
+             stage1_out, stage2_out, rows_alone: bool = False) -> dict[str, jax.Array]:
     """The program's results per (image, target) from the final ω, the clean images' logits
-    and both stages' traces (stage 1's per image: each repeated k times)."""
+    and both stages' traces (stage 1's per image: each repeated k times); the final forward
+    row by row with `rows_alone`, as stage 2 ran."""
     cfg = problem.cfg
     (trace1, omegas1), (trace2, omegas2) = stage1_out, stage2_out
-    z_fg, z_bg, _ = target_logits(omega, problem)
+    if rows_alone:
+        z_fg, z_bg, _ = rowwise(lambda pb, w: target_logits(w, pb), problem, omega)
+    else:
+        z_fg, z_bg, _ = target_logits(omega, problem)
     s_fg, s_bg = class_score(z_fg, c, cfg.score), class_score(z_bg, c, cfg.score)
     extra = {}
     if cfg.trace_omega:  # scan stacks steps first: (steps, N, C) -> (N, steps, C)
@@ -841,8 +880,8 @@ def explain(model, images, targets=None, preset: str | Config | None = None,
     K-th ranked class), an int for all images, one int per image, or `(B, K)` ints.
     preset: a preset name or a `Config`; None: the model's default (`DEFAULT_PRESETS`).
     background: None (the config's: blur / mean / noise) or an explicit `(B, H, W, 3)` p.
-    sequential: explain the images one after another inside the program, so that each gets
-    bit for bit the answer it gets alone (see `gfi`). Default: on CPU yes, on accelerators
+    sequential: explain the images, and each image's targets, one after another inside the
+    program, so that each (image, target) gets bit for bit the answer it gets alone (see `gfi`). Default: on CPU yes, on accelerators
     no (there the batch is what makes it fast).
     """
     cfg = resolve_layers(_preset(preset, arch=model.arch.name), model.arch)
@@ -864,7 +903,7 @@ def explain(model, images, targets=None, preset: str | Config | None = None,
             raise ValueError(f"background must have the images' shape {images.shape}; "
                              f"got {background.shape}")
     if sequential is None:
-        sequential = jax.default_backend() == "cpu"
+        sequential = default_sequential()
     out = compiled(model.features, cfg, sequential)(model.params, images, t, background)
     out = jax.device_get(out)
     return Explanation(image_index=np.repeat(np.arange(B), t.shape[1]), config=cfg,

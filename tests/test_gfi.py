@@ -68,16 +68,13 @@ def test_stage1_runs_once_per_image_and_is_shared_across_targets(resnet, images)
     np.testing.assert_array_equal(two.target.reshape(-1, 2), ranked)
     np.testing.assert_array_equal(two.image_index, np.repeat(np.arange(len(images)), 2))
     trace = two.loss_trace.reshape(len(images), 2, -1)
-    # Stage 1 ran once per image and was shared: exactly the single-target run's stage 1.
     np.testing.assert_array_equal(trace[:, 0, :s1], trace[:, 1, :s1])
-    np.testing.assert_array_equal(trace[:, :, :s1], np.repeat(one.loss_trace[:, None, :s1], 2, 1))
-    # Stage 2 of the first target is the single-target run's to float32 rounding, not bitwise:
-    # with two targets an image's stage 2 runs on two rows where the single-target run has one,
-    # and XLA:CPU's kernels round differently for other batch sizes (see `gfi.gfi`). Seen on an
-    # AVX2-only CPU: 7 of 2048 ω one ulp apart; bitwise on the earlier CPU. Bitwise would need
-    # stage 2 run row by row in the sequential mode (a change to the engine, not made yet).
-    np.testing.assert_allclose(trace[:, 0], one.loss_trace, rtol=1e-6, atol=0)
-    np.testing.assert_allclose(two.omega[::2], one.omega, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(trace[:, 0], one.loss_trace)
+    np.testing.assert_array_equal(two.omega[::2], one.omega)
+    # On CPU (sequential) each (image, target) is bit for bit its single-target explanation.
+    if jax.default_backend() == "cpu":
+        for field in ("mask", "score_masked", "score_background"):
+            np.testing.assert_array_equal(getattr(two, field)[::2], getattr(one, field), field)
     # Explicit (B, K) targets and the k-th ranked class.
     explicit = gfi_jax.explain(resnet, images, targets=ranked, preset=cfg)
     np.testing.assert_array_equal(explicit.omega, two.omega)
@@ -466,3 +463,19 @@ def test_gradient_start_of_stage2(resnet, images):
     f = G.flops(resnet, grad, (64, 64), compile=False)
     f0 = G.flops(resnet, base, (64, 64), compile=False)
     assert f["analytic"] == pytest.approx(f0["analytic"] + 2 * f0["forward"])
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the sequential default is CPU's")
+@pytest.mark.parametrize("overrides", [
+    {"trace_omega": True}, {"stage2_init": "gradient"}, {"restart_stage2": True}],
+    ids=lambda v: ",".join(f"{k}={v}" for k, v in v.items()))
+def test_each_target_is_bit_for_bit_its_single_target_run(resnet, images, overrides):
+    cfg = gfi_jax.preset("reference", **SHORT, **overrides)
+    three = gfi_jax.explain(resnet, images[:2], targets="top3", preset=cfg)
+    for rank in (1, 3):
+        alone = gfi_jax.explain(resnet, images[:2], targets=f"rank{rank}", preset=cfg)
+        for field in ("omega", "mask", "mask_l1", "loss_trace", "target", "score_masked",
+                      "score_background", "omega_trace"):
+            if getattr(alone, field) is not None:
+                np.testing.assert_array_equal(getattr(three, field)[rank - 1::3],
+                                              getattr(alone, field), f"{field}, rank {rank}")
