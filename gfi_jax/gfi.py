@@ -881,8 +881,8 @@ def explain(model, images, targets=None, preset: str | Config | None = None,
     preset: a preset name or a `Config`; None: the model's default (`DEFAULT_PRESETS`).
     background: None (the config's: blur / mean / noise) or an explicit `(B, H, W, 3)` p.
     sequential: explain the images, and each image's targets, one after another inside the
-    program, so that each (image, target) gets bit for bit the answer it gets alone (see `gfi`). Default: on CPU yes, on accelerators
-    no (there the batch is what makes it fast).
+    program, so that each (image, target) gets bit for bit the answer it gets alone (see
+    `gfi`). Default: on CPU yes, on accelerators no (there the batch is what makes it fast).
     """
     cfg = resolve_layers(_preset(preset, arch=model.arch.name), model.arch)
     # float64 models (x64 mode) explain in float64; everything else in float32 (see
