@@ -59,8 +59,6 @@ def compare(model, torch_features, images, name, l0, l1, strict=True, stages=(1,
     # Step 0 is a pure forward + loss evaluation: it agrees to float32 round-off.
     np.testing.assert_allclose(ours.loss_trace[:, 0], ref["loss"][:, 0], rtol=1e-5)
     r = [pearson(a, b) for a, b in zip(ours.mask, ref["mask"])]
-    if not final:
-        return r
     # Real weights in float32 (strict=False): the final mask of some images is chaotic in the
     # rounding. Measured for the `reference` preset on the three images below: Pearson 0.970,
     # 0.500, 0.945 against the oracle, after a change of summation order in the depthwise
@@ -69,7 +67,7 @@ def compare(model, torch_features, images, name, l0, l1, strict=True, stages=(1,
     # comparison with dtype float64, 49 s here and 9 min for the oracle: too slow for CI).
     # So the float32 bound on real weights is looser; the algorithm is checked by the float64
     # early steps (compare_float64), strictly.
-    assert np.median(r) >= (0.95 if strict else 0.9), (name, r)
+    assert not final or np.median(r) >= (0.95 if strict else 0.9), (name, r)
     if not strict:
         np.testing.assert_allclose(ours.loss_trace[:, :5], ref["loss"][:, :5], rtol=1e-3,
                                    err_msg=f"{name}: stage-1 loss, first 5 steps")
