@@ -297,9 +297,66 @@ def schedules(cfg: Config) -> tuple[optax.Schedule, optax.Schedule]:
     return (decayed if cfg.decay_in_stage1 else optax.constant_schedule(cfg.lr)), decayed
 
 
-def optimizer(cfg: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
-    return optax.chain(optax.adam(schedule, eps=cfg.adam_eps),
-                       project(cfg.omega_min, cfg.omega_max))
+def optimizer(cfg: Config, schedule: optax.Schedule,
+              base: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+    """Adam with `schedule` (or `base`, an `Extensions.optimizer`), then the ω projection."""
+    first = optax.adam(schedule, eps=cfg.adam_eps) if base is None else base
+    return optax.chain(first, project(cfg.omega_min, cfg.omega_max))
+
+
+# ----------------------------------------------------------------------------- extensions
+Term = Callable[..., jax.Array]
+"""An extra loss term `(ω, m, logits of Φ, logits of Φ_bg, target) -> (N,)`, one value per
+row, added to its stage's per-row loss. ω is `(N, C)`, m `(N, H, W)`, the logits
+`(N, classes)`. A stage-2 row is one (image, target), and target is `(N,)`; a stage-1 row is
+one image, and target holds that image's K targets, `(N, K)`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Extensions:
+    """Hooks into the GFI program. They are part of its cache key (`compiled`): a changed hook
+    is a new program, and a repeated one is not compiled again. Hooks compare by identity, so
+    build each once and reuse it.
+
+    optimizer: replaces Adam in both stages. The ω projection is still chained after it.
+    stage1_terms / stage2_terms: extra `Term`s, summed into L_inversion / L_target. A
+    stage-1 term costs one more forward of Φ and Φ_bg per step, for its logits.
+    stage1_state: also return stage 1's final ω `(B, C)` and optimizer state, so that a
+    stage 2 written from the public pieces can continue where stage 1 stopped."""
+    optimizer: optax.GradientTransformation | None = None
+    stage1_terms: tuple[Term, ...] = ()
+    stage2_terms: tuple[Term, ...] = ()
+    stage1_state: bool = False
+
+    def __post_init__(self):
+        opt = self.optimizer
+        if opt is not None and not (callable(getattr(opt, "init", None))
+                                    and callable(getattr(opt, "update", None))):
+            raise ValueError(f"Extensions.optimizer must be an optax.GradientTransformation, "
+                             f"e.g. optax.sgd(0.1, momentum=0.9); got {type(opt).__name__}")
+        for name in ("stage1_terms", "stage2_terms"):
+            terms = getattr(self, name)
+            if not isinstance(terms, tuple) or not all(callable(t) for t in terms):
+                raise ValueError(f"Extensions.{name} must be a tuple of functions "
+                                 f"(omega, mask, logits_phi, logits_bg, target) -> (N,); "
+                                 f"got {terms!r}")
+        if not isinstance(self.stage1_state, bool):
+            raise ValueError(f"Extensions.stage1_state must be True or False; "
+                             f"got {self.stage1_state!r}")
+
+
+NO_EXTENSIONS = Extensions()
+
+
+def extra_terms(terms: tuple[Term, ...], stage: str, per: jax.Array, *args) -> jax.Array:
+    """`per` (one loss per row) plus each term's value; a term of another shape is an error."""
+    for i, term in enumerate(terms):
+        v = jnp.asarray(term(*args))
+        if v.shape != per.shape:
+            raise ValueError(f"{stage} term {i} ({getattr(term, '__name__', term)}) returned "
+                             f"shape {v.shape}; a term gives one value per row: {per.shape}")
+        per = per + v.astype(per.dtype)
+    return per
 
 
 def lr_trace(cfg: Config) -> np.ndarray:
@@ -542,7 +599,8 @@ def accumulation_dtype(dtype) -> jnp.dtype:
 
 
 def gfi(features: Features, params: Any, images: jax.Array, targets: jax.Array,
-        p: jax.Array | None, cfg: Config, sequential: bool = False) -> dict[str, jax.Array]:
+        p: jax.Array | None, cfg: Config, sequential: bool = False,
+        ext: Extensions = NO_EXTENSIONS) -> dict[str, jax.Array]:
     """Both stages for a batch: images `(B, H, W, 3)`, targets `(B, K)` -> N = B·K explanations.
 
     Stage 1 runs once per image and only up to l0; stage 2 runs once per (image, target),
@@ -554,14 +612,20 @@ def gfi(features: Features, params: Any, images: jax.Array, targets: jax.Array,
     `sequential=True` the images go through one after another (`lax.map`) inside the same
     program, and with K > 1 targets so do an image's stage-2 rows (`rowwise`), so each
     (image, target) runs exactly the computation it runs alone, as its image's only target.
+    `ext`: the program's `Extensions` (none by default).
     """
     if not sequential:
-        return _gfi_batch(features, params, images, targets, p, cfg)
+        return _gfi_batch(features, params, images, targets, p, cfg, ext=ext)
     B, K = targets.shape
     one = lambda a: _gfi_batch(features, params, a[0][None], a[1][None],  # noqa: E731
-                               None if a[2] is None else a[2][None], cfg, rows_alone=True)
+                               None if a[2] is None else a[2][None], cfg, rows_alone=True,
+                               ext=ext)
     out = jax.lax.map(one, (images, targets, p))
-    return jax.tree.map(lambda a: a.reshape(B * K, *a.shape[2:]), out)
+    ends1 = {n: out.pop(n) for n in ("stage1_omega", "stage1_state") if n in out}
+    # Stage 1's ends are per image: (B, 1, …) -> (B, …); a step count, the same for every
+    # image, stays one scalar as in the batched program.
+    ends1 = jax.tree.map(lambda a: a[0] if a.ndim == 1 else a.reshape(B, *a.shape[2:]), ends1)
+    return ends1 | jax.tree.map(lambda a: a.reshape(B * K, *a.shape[2:]), out)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -576,6 +640,8 @@ class Problem:
     f1: jax.Array
     splits: tuple[int, ...]
     cfg: Config
+    ext: Extensions = NO_EXTENSIONS
+    targets: jax.Array | None = None   # (N, K), stage 1's rows only (for its extra terms)
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -584,7 +650,7 @@ class Problem:
     def repeat(self, k: int) -> Problem:
         """Each row k times, in order: a row per (image, target) for stage 2."""
         return dataclasses.replace(self, x=_repeat(self.x, k), p=_repeat(self.p, k),
-                                   f1=_repeat(self.f1, k))
+                                   f1=_repeat(self.f1, k), targets=None)
 
 
 def _repeat(a: jax.Array, k: int) -> jax.Array:
@@ -619,10 +685,13 @@ def inversion_loss(omega: jax.Array, problem: Problem, f0: jax.Array,
     Returns the sum (what is differentiated: each image's gradient is its own) and the
     per-image losses."""
     pb, cfg = problem, problem.cfg
-    phi = blend(pb.x, pb.p, mask(omega, pb.f1, pb.hw, cfg, pb.splits))
-    f = pb.features(pb.params, phi, (cfg.l0,))[cfg.l0].astype(f0.dtype)
+    m = mask(omega, pb.f1, pb.hw, cfg, pb.splits)
+    f = pb.features(pb.params, blend(pb.x, pb.p, m), (cfg.l0,))[cfg.l0].astype(f0.dtype)
     per = (inversion_error(f, f0, f0_norm, cfg.inversion_error)
            + cfg.gamma * penalty(omega, cfg.stage1_penalty))
+    if pb.ext.stage1_terms:   # only then stage 1 needs the logits: one more forward
+        z_fg, z_bg = blend_logits(pb, m)
+        per = extra_terms(pb.ext.stage1_terms, "stage-1", per, omega, m, z_fg, z_bg, pb.targets)
     return per.sum(), per
 
 
@@ -631,10 +700,16 @@ def target_logits(omega: jax.Array,
     """The logits of Φ and of Φ_bg `(N, classes)`, from one forward of a 2N batch, and m."""
     pb = problem
     m = mask(omega, pb.f1, pb.hw, pb.cfg, pb.splits)
+    return (*blend_logits(pb, m), m)
+
+
+def blend_logits(problem: Problem, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The logits of Φ and of Φ_bg for mask m, from one forward of a 2N batch."""
+    pb = problem
     both = jnp.concatenate([blend(pb.x, pb.p, m), blend_bg(pb.x, pb.p, m)])
     z = pb.features(pb.params, both, ("logits",))["logits"]
     n = pb.x.shape[0]
-    return z[:n], z[n:], m
+    return z[:n], z[n:]
 
 
 def target_loss(omega: jax.Array, problem: Problem,
@@ -655,6 +730,7 @@ def target_loss(omega: jax.Array, problem: Problem,
     if cfg.area:
         h, w = problem.hw
         per = per + cfg.area * rowdot(m, jnp.ones_like(m)) / (h * w)
+    per = extra_terms(problem.ext.stage2_terms, "stage-2", per, omega, m, z_fg, z_bg, c)
     return per.sum(), per
 
 
@@ -752,17 +828,18 @@ def stage2_start(problem: Problem, c: jax.Array, omega1: jax.Array) -> jax.Array
 
 def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.Array,
                p: jax.Array | None, cfg: Config, unroll: bool = False,
-               rows_alone: bool = False) -> dict[str, jax.Array]:
+               rows_alone: bool = False, ext: Extensions = NO_EXTENSIONS) -> dict[str, jax.Array]:
     k = targets.shape[1]
     x = images.astype(accumulation_dtype(images.dtype))
     p = background(x, cfg) if p is None else p.astype(x.dtype)
     f0, f1, splits, logits = clean_features(features, params, x, cfg)
     targets = resolve_targets(logits, targets)
     s1, s2 = schedules(cfg)
-    opt1 = optimizer(cfg, s1)
-    opt2 = optimizer(cfg, s2) if cfg.restart_stage2 else opt1
-    problem = Problem(features, params, x, p, f1, splits, cfg)
+    opt1 = optimizer(cfg, s1, ext.optimizer)
+    opt2 = optimizer(cfg, s2, ext.optimizer) if cfg.restart_stage2 else opt1
+    problem = Problem(features, params, x, p, f1, splits, cfg, ext, targets)
     (omega, state), (trace1, omegas1) = stage1(problem, f0, opt1, unroll)
+    ends1 = {"stage1_omega": omega, "stage1_state": state} if ext.stage1_state else {}
 
     # Stage 2 runs per (image, target): repeat each image's stage-1 result k times.
     problem, c = problem.repeat(k), targets.reshape(-1)
@@ -777,8 +854,8 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
             functools.partial(_repeat, k=k), state)
     run2 = stage2_rows if rows_alone else stage2
     (omega, _), (trace2, omegas2) = run2(problem, c, omega, state, opt2, unroll)
-    return _outputs(problem, c, omega, logits, k, (trace1, omegas1), (trace2, omegas2),
-                    rows_alone)
+    return ends1 | _outputs(problem, c, omega, logits, k, (trace1, omegas1),
+                            (trace2, omegas2), rows_alone)
 
 
 def _outputs(problem: Problem, c: jax.Array, omega: jax.Array, logits: jax.Array, k: int,
@@ -810,11 +887,12 @@ def _outputs(problem: Problem, c: jax.Array, omega: jax.Array, logits: jax.Array
 
 
 @functools.lru_cache(maxsize=64)
-def compiled(features: Features, cfg: Config, sequential: bool = False) -> Callable:
-    """The jitted program for one (model, config); jit caches per input shape. `features`
-    stands for the model and its layer kernels (`LoadedModel.kernels`, fixed in its graphdef),
-    so a model with other kernels is another key."""
-    return jax.jit(functools.partial(gfi, features, cfg=cfg, sequential=sequential))
+def compiled(features: Features, cfg: Config, sequential: bool = False,
+             ext: Extensions = NO_EXTENSIONS) -> Callable:
+    """The jitted program for one (model, config, extensions); jit caches per input shape.
+    `features` stands for the model and its layer kernels (`LoadedModel.kernels`, fixed in its
+    graphdef), so a model with other kernels is another key; so is another `Extensions`."""
+    return jax.jit(functools.partial(gfi, features, cfg=cfg, sequential=sequential, ext=ext))
 
 
 # ----------------------------------------------------------------------------- front end
@@ -832,6 +910,8 @@ class Explanation:
     loss_trace: np.ndarray        # (N, stage1_steps + stage2_steps), loss before each step
     config: Config
     omega_trace: np.ndarray | None = None  # (N, steps, C) ω after each step (cfg.trace_omega)
+    stage1_omega: np.ndarray | None = None  # (B, C) ω at the end of stage 1, per image, and
+    stage1_state: Any = None               # its optimizer state (Extensions.stage1_state)
 
 
 def _targets_array(targets, batch: int, num_classes: int) -> np.ndarray:
@@ -873,7 +953,8 @@ def resolve_layers(cfg: Config, arch) -> Config:
 
 
 def explain(model, images, targets=None, preset: str | Config | None = None,
-            background=None, sequential: bool | None = None) -> Explanation:
+            background=None, sequential: bool | None = None,
+            extensions: Extensions | None = None) -> Explanation:
     """Explains `images` `(B, H, W, 3)` (preprocessed for `model`) with GFI.
 
     targets: None or "top1" (default), "topK" (K explanations per image), "rankK" (the
@@ -883,6 +964,7 @@ def explain(model, images, targets=None, preset: str | Config | None = None,
     sequential: explain the images, and each image's targets, one after another inside the
     program, so that each (image, target) gets bit for bit the answer it gets alone (see
     `gfi`). Default: on CPU yes, on accelerators no (there the batch is what makes it fast).
+    extensions: an `Extensions` (custom optimizer, extra loss terms, stage 1's end state).
     """
     cfg = resolve_layers(_preset(preset, arch=model.arch.name), model.arch)
     # float64 models (x64 mode) explain in float64; everything else in float32 (see
@@ -904,10 +986,12 @@ def explain(model, images, targets=None, preset: str | Config | None = None,
                              f"got {background.shape}")
     if sequential is None:
         sequential = default_sequential()
-    out = compiled(model.features, cfg, sequential)(model.params, images, t, background)
-    out = jax.device_get(out)
-    return Explanation(image_index=np.repeat(np.arange(B), t.shape[1]), config=cfg,
-                       **{k: np.asarray(v) for k, v in out.items()})
+    ext = NO_EXTENSIONS if extensions is None else extensions
+    if not isinstance(ext, Extensions):
+        raise ValueError(f"extensions must be a gfi_jax.Extensions; got {type(ext).__name__}")
+    out = compiled(model.features, cfg, sequential, ext)(model.params, images, t, background)
+    out = jax.tree.map(np.asarray, jax.device_get(out))
+    return Explanation(image_index=np.repeat(np.arange(B), t.shape[1]), config=cfg, **out)
 
 
 def check_layers(model, cfg: Config, hw: tuple[int, int]) -> None:
