@@ -13,17 +13,21 @@ import jax.numpy as jnp
 
 from gfi_jax.gfi import resolve_targets
 from gfi_jax.jaxpr_cut import split_at_layer
-from gfi_jax.models.layers import is_rectifier, rectifiers
+from gfi_jax.jaxpr_guided import guided as guided_program
+from gfi_jax.models.layers import is_rectifier
 
 Features = Callable[[Any, jax.Array, Sequence[str]], dict]
 
 
 def logits_fn(features: Features, params: Any, guided: bool = False) -> Callable:
-    """images `(B, H, W, 3)` -> logits `(B, classes)`; `guided` uses Guided Backprop's ReLUs."""
-    def f(x):
-        with rectifiers(guided=guided):
-            return features(params, x, ("logits",))["logits"].astype(jnp.float32)
-    return f
+    """images `(B, H, W, 3)` -> logits `(B, classes)`; `guided`: with Guided Backprop's
+    backward at every rectifier of the traced program (`jaxpr_guided`), whatever ReLU the
+    model calls (ValueError if it has none)."""
+    def f(p, x):
+        return features(p, x, ("logits",))["logits"].astype(jnp.float32)
+    # params go in as arguments of the rewritten program, so its constants never hold tracers.
+    g = guided_program(f) if guided else f
+    return lambda x: g(params, x)
 
 
 def resolve(logits: jax.Array, targets: jax.Array) -> jax.Array:
