@@ -49,11 +49,14 @@ def input_gradient(features: Features, params: Any, images: jax.Array, targets: 
 
 
 def layer_gradient(features: Features, params: Any, images: jax.Array, targets: jax.Array,
-                   layer: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(A, ∂ logit_t / ∂A, targets) for the rectified layer `layer`, A `(B, h, w, C)`: the
-    network cut at A (`jaxpr_cut.split_at_layer`), one forward and one backward."""
+                   layer: str, require_rectifier: bool = True
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(A, ∂ logit_t / ∂A, targets) for the layer `layer`, A `(B, h, w, C)`: the network cut
+    at A (`jaxpr_cut.split_at_layer`), one forward and one backward. `require_rectifier`:
+    ValueError unless A is the output of gfi_jax's own `relu`/`relu6` (the CAM methods pass
+    False: they weigh any layer's channels)."""
     a, tail, made = split_at_layer(features, params, images, layer)
-    if not is_rectifier(made):
+    if require_rectifier and not is_rectifier(made):
         raise ValueError(f"layer {layer!r} is not the output of a ReLU; choose a rectified "
                          "conv layer (e.g. a conv or block output, not a pooling layer)")
     logits, vjp = jax.vjp(tail, a)
