@@ -91,8 +91,8 @@ def sub_programs(eqn, zeros: set) -> list[tuple[jcore.Jaxpr, Sequence, list[bool
     if name in _CALLS and _CALLS[name] in p:
         return [(*_open(p[_CALLS[name]]), z)]
     if name == "scan":
-        carry = [False] * p["num_carry"]
-        return [(*_open(p["jaxpr"]), z[:p["num_consts"]] + carry + z[p["num_consts"] + len(carry):])]
+        n_c, carry = p["num_consts"], [False] * p["num_carry"]
+        return [(*_open(p["jaxpr"]), z[:n_c] + carry + z[n_c + len(carry):])]
     if name == "cond":
         return [(*_open(br), z[1:]) for br in p["branches"]]
     if name == "while":

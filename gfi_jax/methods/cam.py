@@ -1,8 +1,8 @@
 """Class activation maps: Grad-CAM (Selvaraju et al. 2017) and CAM (Zhou et al. 2016).
 
 Both weigh the channels of a layer A `(B, h, w, C)` (any layer `features` returns; usually
-the last conv map) and upsample the `(h, w)` map to the input bilinearly (PyTorch's `F.interpolate(mode="bilinear")` grid, the one
-Captum's `LayerAttribution.interpolate` uses).
+the last conv map) and upsample the `(h, w)` map to the input bilinearly (PyTorch's
+`F.interpolate(mode="bilinear")` grid, the one Captum's `LayerAttribution.interpolate` uses).
 """
 from __future__ import annotations
 
