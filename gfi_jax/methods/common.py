@@ -13,17 +13,21 @@ import jax.numpy as jnp
 
 from gfi_jax.gfi import resolve_targets
 from gfi_jax.jaxpr_cut import split_at_layer
-from gfi_jax.models.layers import is_rectifier, rectifiers
+from gfi_jax.jaxpr_guided import guided as guided_program
+from gfi_jax.models.layers import is_rectifier
 
 Features = Callable[[Any, jax.Array, Sequence[str]], dict]
 
 
 def logits_fn(features: Features, params: Any, guided: bool = False) -> Callable:
-    """images `(B, H, W, 3)` -> logits `(B, classes)`; `guided` uses Guided Backprop's ReLUs."""
-    def f(x):
-        with rectifiers(guided=guided):
-            return features(params, x, ("logits",))["logits"].astype(jnp.float32)
-    return f
+    """images `(B, H, W, 3)` -> logits `(B, classes)`; `guided`: with Guided Backprop's
+    backward at every rectifier of the traced program (`jaxpr_guided`), whatever ReLU the
+    model calls (ValueError if it has none)."""
+    def f(p, x):
+        return features(p, x, ("logits",))["logits"].astype(jnp.float32)
+    # params go in as arguments of the rewritten program, so its constants never hold tracers.
+    g = guided_program(f) if guided else f
+    return lambda x: g(params, x)
 
 
 def resolve(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -45,11 +49,14 @@ def input_gradient(features: Features, params: Any, images: jax.Array, targets: 
 
 
 def layer_gradient(features: Features, params: Any, images: jax.Array, targets: jax.Array,
-                   layer: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(A, ∂ logit_t / ∂A, targets) for the rectified layer `layer`, A `(B, h, w, C)`: the
-    network cut at A (`jaxpr_cut.split_at_layer`), one forward and one backward."""
+                   layer: str, require_rectifier: bool = True
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(A, ∂ logit_t / ∂A, targets) for the layer `layer`, A `(B, h, w, C)`: the network cut
+    at A (`jaxpr_cut.split_at_layer`), one forward and one backward. `require_rectifier`:
+    ValueError unless A is the output of gfi_jax's own `relu`/`relu6` (the CAM methods pass
+    False: they weigh any layer's channels)."""
     a, tail, made = split_at_layer(features, params, images, layer)
-    if not is_rectifier(made):
+    if require_rectifier and not is_rectifier(made):
         raise ValueError(f"layer {layer!r} is not the output of a ReLU; choose a rectified "
                          "conv layer (e.g. a conv or block output, not a pooling layer)")
     logits, vjp = jax.vjp(tail, a)
