@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import jax
@@ -253,7 +254,10 @@ def convert_state_dict(arch: str, sd: dict[str, np.ndarray]) -> tuple[dict[str, 
     rs = record.torch_keys()
     if (problem := _mismatch(record, sd)) is not None:
         raise ConversionError(problem)
-    sd = timm_keys.from_timm(record, sd) or sd
+    if (renamed := timm_keys.from_timm(record, sd)) is not None:
+        if (note := timm_keys.caveat(record)) is not None:
+            warnings.warn(note, stacklevel=2)  # the names fit two models; only one is ours
+        sd = renamed
     head = np.shape(sd[torch_keys.classifier_key(rs)])
     num_classes = int(head[0]) if len(head) == 2 else 1000
     expected = flat_shapes(record, num_classes)

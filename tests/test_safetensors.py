@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import ml_dtypes
@@ -69,6 +68,40 @@ def _random_sd(arch: str, seed: int = 0) -> dict[str, np.ndarray]:
     shapes = flat_shapes(record)
     return {t: rng.standard_normal(tk.torch_shape(kind, shapes[f])).astype(np.float32)
             for t, f, kind in record.torch_keys()}
+
+
+_NO_TORCH = """
+import pickle, sys
+sys.modules["torch"] = None  # `import torch` now raises ImportError
+def boom(*a, **k):
+    raise AssertionError("pickle used")
+class Boom:
+    def __init__(self, *a, **k):
+        boom()
+import gfi_jax.torch_reader as tr
+from weights_conversion.__main__ import main
+pickle.load = pickle.loads = boom
+pickle.Unpickler = tr._Unpickler = Boom
+rc = main(["--arch", "resnet18", "--source", sys.argv[1], "--out", sys.argv[2]])
+assert sys.modules["torch"] is None, "torch was imported"
+sys.exit(rc)
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_torch_run(tmp_path_factory):
+    """(process, state_dict, out): `python -m weights_conversion` on a random resnet18
+    .safetensors file, run without torch or pickle, started now and checked by its test."""
+    d = tmp_path_factory.mktemp("no_torch")
+    sd = _random_sd("resnet18", seed=3)
+    src = write_safetensors(d / "r18.safetensors", sd)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _NO_TORCH, str(src), str(d / "w")], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc, sd, d / "w"
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
 
 # ---------------------------------------------------------------- the reader
@@ -199,33 +232,20 @@ def test_damaged_file_one_line_error(r18, tmp_path, how):
     assert not (tmp_path / "w").exists()
 
 
-def test_conversion_without_torch_or_pickle(r18, tmp_path):
-    """The CLI converts a .safetensors file in a process where `import torch` fails and any
-    use of pickle raises."""
-    *_, st = r18
-    script = textwrap.dedent(f"""
-        import pickle, sys
-        sys.modules["torch"] = None  # `import torch` now raises ImportError
-        def boom(*a, **k):
-            raise AssertionError("pickle used")
-        class Boom:
-            def __init__(self, *a, **k):
-                boom()
-        import gfi_jax.torch_reader as tr
-        from weights_conversion.__main__ import main
-        pickle.load = pickle.loads = boom
-        pickle.Unpickler = tr._Unpickler = Boom
-        rc = main(["--arch", "resnet18", "--source", {str(st)!r}, "--out", {str(tmp_path / 'w')!r}])
-        assert sys.modules["torch"] is None, "torch was imported"
-        sys.exit(rc)
-    """)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
-    assert "converted resnet18" in r.stdout
-    flat, _ = load_weights(tmp_path / "w")
-    want, _ = load_weights(r18[2])
+def test_conversion_without_torch_or_pickle(no_torch_run):
+    """The CLI converted a .safetensors file in a process where `import torch` fails and any
+    use of pickle raises (started at the module's first test, so it overlaps the others)."""
+    proc, sd, out = no_torch_run
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, stderr
+    assert "converted resnet18" in stdout and "Traceback" not in stderr
+    flat, _ = load_weights(out)
+    want, _ = convert_state_dict("resnet18", sd)
+    assert flat.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(flat[k], want[k], err_msg=k)
 
@@ -260,7 +280,8 @@ def test_timm_lite0_names(tmp_path):
     timm_sd = {k: sd[v] for k, v in table.items()}
     timm_sd["bn1.num_batches_tracked"] = np.array(0, np.int64)  # ignored, as in torchvision files
     got = load_state_dict(write_safetensors(tmp_path / "lite0_timm.safetensors", timm_sd))
-    ours, n = convert_state_dict("efficientnet_lite0", got)
+    with pytest.warns(UserWarning, match="tf_efficientnet_lite0 .*timm's efficientnet_lite0"):
+        ours, n = convert_state_dict("efficientnet_lite0", got)  # the names fit both models
     want, _ = convert_state_dict("efficientnet_lite0", sd)
     assert n == 1000 and ours.keys() == want.keys()
     for k in want:

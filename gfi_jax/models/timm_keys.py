@@ -10,6 +10,8 @@ Checked against timm 1.0 (`timm.create_model(name).state_dict()`):
                             `conv_head`, `bn2`, `classifier`, for the efficientnet-lite-pytorch
                             reference's `_conv_stem`, `_bn0`, `_blocks.<n>.*`, `_conv_head`,
                             `_bn1`, `_fc`
+timm's plain `efficientnet_lite*` (PyTorch padding, BN eps 1e-5) has the same names but computes
+differently, and nothing in its weights tells the two apart: `caveat` says so at conversion.
 timm has no AlexNet. A conv-style Linear (VGG's pre_logits) is flattened back to (out, C·kh·kw),
 which is torchvision's C·H·W order, so the rule list's layout change then applies unchanged.
 """
@@ -86,3 +88,13 @@ def from_timm(arch, sd: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
             a = np.reshape(a, (np.shape(a)[0], -1))
         out[t] = a
     return out
+
+
+def caveat(arch) -> str | None:
+    """What a timm-named checkpoint for `arch` cannot tell us, said at conversion."""
+    if arch.name not in efficientnet_lite.STAGES:
+        return None
+    n = arch.name.removeprefix("efficientnet_lite")
+    return (f"timm key names read as timm's tf_efficientnet_lite{n} (TF 'SAME' padding, BN eps "
+            f"1e-3, as {arch.name}); a checkpoint of timm's efficientnet_lite{n} (PyTorch padding, "
+            "BN eps 1e-5) has the same names but will not reproduce its logits here")
