@@ -78,7 +78,10 @@ def _read_header(f, file_size: int) -> tuple[dict, int]:
         raise _Problem(f"truncated safetensors file ({file_size} bytes, shorter than the 8-byte "
                        "header length); " + _REDO)
     n = int.from_bytes(f.read(8), "little")
-    if n > _MAX_HEADER or 8 + n > file_size:
+    if n > _MAX_HEADER:
+        raise _Problem(f"header length {n} exceeds the format's {_MAX_HEADER}-byte limit (corrupt, "
+                       "or not a safetensors file); " + _REDO)
+    if 8 + n > file_size:
         raise _Problem(f"header length {n} runs past the end of the {file_size}-byte file "
                        "(truncated, or not a safetensors file); " + _REDO)
     raw = f.read(n)

@@ -125,8 +125,8 @@ def _broken(tmp_path: Path, case: str) -> Path:
         return {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
 
     p = tmp_path / f"{case}.safetensors"
-    if case == "header_length":  # claims a 1 MB header in a 10-byte file
-        p.write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    if case in ("header_length", "huge_header"):  # a 1 MB (or 2**40-byte) header in 10 bytes
+        p.write_bytes((10**6 if case == "header_length" else 2**40).to_bytes(8, "little") + b"{}")
         return p
     return raw_file(p, *{
         "not_json": (b"{this is not json}   ",),
@@ -147,7 +147,8 @@ def _broken(tmp_path: Path, case: str) -> Path:
 
 
 BROKEN = {
-    "header_length": ("header length 1000000", "re-download"),
+    "header_length": ("header length 1000000 runs past the end of the 10-byte file", "re-download"),
+    "huge_header": ("exceeds the format's 100000000-byte limit",),
     "not_json": ("not valid JSON",), "not_object": ("not an object",),
     "unknown_dtype": ("unknown dtype 'F12'", "re-save the weights as F32"),
     "packed_dtype": ("packed sub-byte dtype F4", "re-save"),
@@ -308,8 +309,9 @@ def test_timm_vgg_conv_head_flattens_in_chw_order():
 
 def test_unrecognized_keys_are_listed():
     sd = {k: v for k, v in _random_sd("resnet18").items() if not k.startswith("fc.")}
-    sd.update({"head.fc.weight": np.zeros((1000, 512), np.float32), "head.fc.bias": np.zeros(1000, np.float32),
-               "head.norm.weight": np.zeros(512, np.float32), "head.norm.bias": np.zeros(512, np.float32)})
+    sd.update({k: np.zeros(shape, np.float32) for k, shape in (
+        ("head.fc.weight", (1000, 512)), ("head.fc.bias", (1000,)),
+        ("head.norm.weight", (512,)), ("head.norm.bias", (512,)))})
     with pytest.raises(ConversionError) as e:
         convert_state_dict("resnet18", sd)
     _one_line(str(e.value), "missing keys 'fc.weight', 'fc.bias'", "unexpected keys 'head.fc.weight'",
