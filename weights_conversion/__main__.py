@@ -11,8 +11,9 @@ from gfi_jax import cli
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m weights_conversion",
-                                description="Convert a PyTorch checkpoint to gfi_jax weights "
-                                            "(no torch needed).")
+                                description="Convert a PyTorch checkpoint (.pth, or "
+                                            ".safetensors with torchvision's or timm's key "
+                                            "names) to gfi_jax weights (no torch needed).")
     cli.convert_args(p)
     return cli.convert(p.parse_args(argv))
 
