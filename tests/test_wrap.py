@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import gfi_jax  # noqa: E402
-from gfi_jax import io  # noqa: E402
+from gfi_jax import io, metrics  # noqa: E402
 
 CFG = gfi_jax.preset("reference", stage1_steps=3, stage2_steps=3)
 HW, CLASSES, WIDTHS = 64, 10, (8, 16, 16)
@@ -31,6 +31,13 @@ def images(b: int = 2) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the four models
+def random_like(abstract, seed: int = 0):
+    """Random weights of the abstract parameter tree's shapes, drawn in numpy: the frameworks'
+    own initializers run as eager JAX ops, each compiled on its own (~30 s on a busy CPU)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(0.2 * rng.normal(size=a.shape), a.dtype), abstract)
+
+
 def linen_model():
     import flax.linen as nn
 
@@ -44,7 +51,8 @@ def linen_model():
             return acts
 
     module = CNN()
-    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, HW, HW, 3)))
+    params = random_like(jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                                        jnp.zeros((1, HW, HW, 3))))
 
     def features(params, x, layers):
         return module.apply(params, x)      # every activation; the unused ones are dead code
@@ -68,7 +76,8 @@ def nnx_model():
             acts["logits"] = self.head(x.mean(axis=(1, 2)))
             return acts
 
-    graphdef, state = nnx.split(CNN(nnx.Rngs(0)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CNN(nnx.Rngs(0))))
+    state = random_like(state)
 
     def features(state, x, layers):
         return nnx.merge(graphdef, state)(x)
@@ -78,12 +87,15 @@ def nnx_model():
 def equinox_model():
     import equinox as eqx
 
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    ins = (3,) + WIDTHS[:-1]
-    model = {"convs": [eqx.nn.Conv2d(i, o, 3, stride=s, padding=1, key=k)
-                       for i, o, s, k in zip(ins, WIDTHS, (2, 2, 1), keys)],
-             "head": eqx.nn.Linear(WIDTHS[-1], CLASSES, key=keys[3])}
-    params, static = eqx.partition(model, eqx.is_array)
+    def build(key):
+        keys = jax.random.split(key, 4)
+        ins = (3,) + WIDTHS[:-1]
+        return {"convs": [eqx.nn.Conv2d(i, o, 3, stride=s, padding=1, key=k)
+                          for i, o, s, k in zip(ins, WIDTHS, (2, 2, 1), keys)],
+                "head": eqx.nn.Linear(WIDTHS[-1], CLASSES, key=keys[3])}
+    params, static = eqx.partition(eqx.filter_eval_shape(build, jax.random.PRNGKey(0)),
+                                   lambda a: isinstance(a, jax.ShapeDtypeStruct))
+    params = random_like(params)
 
     def features(params, x, layers):
         m = eqx.combine(params, static)
@@ -100,13 +112,19 @@ def equinox_model():
 def keras_model():
     import keras
 
-    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+
+    def he(shape, dtype=None):   # numpy draws, as `random_like`
+        return rng.normal(size=shape).astype("float32") * np.sqrt(2 / np.prod(shape[:-1]))
+
     inp = keras.Input((HW, HW, 3))
     x, outs = inp, []
     for name, w, s in zip(CONVS, WIDTHS, (2, 2, 1)):
-        x = keras.layers.Conv2D(w, 3, strides=s, padding="same", activation="relu", name=name)(x)
+        x = keras.layers.Conv2D(w, 3, strides=s, padding="same", activation="relu", name=name,
+                                kernel_initializer=he, bias_initializer="zeros")(x)
         outs.append(x)
-    logits = keras.layers.Dense(CLASSES)(keras.layers.GlobalAveragePooling2D()(x))
+    logits = keras.layers.Dense(CLASSES, kernel_initializer=he)(
+        keras.layers.GlobalAveragePooling2D()(x))
     # The functional sub-model that also returns the intermediate maps shares the variables.
     sub = keras.Model(inp, [*outs, logits])
     params = ([v.value for v in sub.trainable_variables],
@@ -203,7 +221,7 @@ def test_a_metric_on_a_wrapped_model(linen):
     x = images()
     s = gfi_jax.attribute(linen, x, "grad")
     probs = jax.jit(lambda x: jax.nn.softmax(linen.features(linen.params, x, ("logits",))["logits"]))
-    out = gfi_jax.metrics.deletion_insertion(probs, x, s, steps=4)
+    out = metrics.deletion_insertion(probs, x, s, steps=4)
     assert out["curves"].shape == (2, 5) and np.isfinite(out["auc"]).all()
     np.testing.assert_allclose(out["curves"][:, 0], np.asarray(probs(x)).max(1), rtol=1e-5)
 
