@@ -103,7 +103,8 @@ def equinox_model():
         for name, conv in zip(CONVS, m["convs"]):
             # Equinox convs take one CHW image; rectify after the move back to NHWC, so the
             # returned map is a ReLU's output (what Grad-CAM's layer must be).
-            h = acts[name] = jax.nn.relu(jnp.moveaxis(jax.vmap(conv)(jnp.moveaxis(h, -1, 1)), 1, -1))
+            y = jax.vmap(conv)(jnp.moveaxis(h, -1, 1))
+            h = acts[name] = jax.nn.relu(jnp.moveaxis(y, 1, -1))
         acts["logits"] = jax.vmap(m["head"])(h.mean(axis=(1, 2)))
         return acts
     return features, params
@@ -220,7 +221,7 @@ def test_explicit_layers_and_class_names(linen):
 def test_a_metric_on_a_wrapped_model(linen):
     x = images()
     s = gfi_jax.attribute(linen, x, "grad")
-    probs = jax.jit(lambda x: jax.nn.softmax(linen.features(linen.params, x, ("logits",))["logits"]))
+    probs = jax.jit(lambda x: jax.nn.softmax(linen(x)["logits"]))
     out = metrics.deletion_insertion(probs, x, s, steps=4)
     assert out["curves"].shape == (2, 5) and np.isfinite(out["auc"]).all()
     np.testing.assert_allclose(out["curves"][:, 0], np.asarray(probs(x)).max(1), rtol=1e-5)
