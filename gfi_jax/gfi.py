@@ -8,8 +8,9 @@ that Φ keeps and Φ_bg loses the target class c. ω ≥ 0 is kept by projecting
 Adam step: the optimizer is `optax.chain(adam(schedule), project(0, ω_max))`.
 
 `gfi(features, params, images, targets, background, cfg)` is the pure program: any model
-works that offers `features(params, x, layers) -> {layer: activation}`. `explain(model, …)`
-is the convenience front end over a `gfi_jax.LoadedModel`.
+works that offers `features(params, x, layers) -> {layer: activation}`; `compiled(features,
+cfg)` is it jitted. `explain(model, …)` is the front end that checks every input on the host
+first, over a `gfi_jax.LoadedModel` or a `gfi_jax.wrap`ped model.
 """
 from __future__ import annotations
 
@@ -936,6 +937,8 @@ def _targets_array(targets, batch: int, num_classes: int) -> np.ndarray:
     if t.ndim != 2 or t.shape[0] != batch:
         raise ValueError(f"targets: expected one int, one per image ({batch}) or (images, K) ints;"
                          f" got shape {np.shape(targets)}")
+    if t.shape[1] == 0:
+        raise ValueError("targets: got no target for the images; give at least one per image")
     if t.min() < 0 or t.max() >= num_classes:
         bad = int(t.min() if t.min() < 0 else t.max())
         raise ValueError(f"target class {bad} is outside the model's {num_classes} classes "
@@ -966,17 +969,20 @@ def explain(model, images, targets=None, preset: str | Config | None = None,
     `gfi`). Default: on CPU yes, on accelerators no (there the batch is what makes it fast).
     extensions: an `Extensions` (custom optimizer, extra loss terms, stage 1's end state).
     """
-    cfg = resolve_layers(_preset(preset, arch=model.arch.name), model.arch)
     # float64 models (x64 mode) explain in float64; everything else in float32 (see
-    # `accumulation_dtype`).
+    # `accumulation_dtype`). The images first: a wrapped model learns its layers from them.
     images = np.asarray(images, model.input_dtype)
     model.check_images(images)
     if not np.isfinite(images).all():
         raise ValueError("images contain NaN or Inf pixels; check the decoding and preprocessing")
+    cfg = resolve_layers(_preset(preset, arch=model.arch.name), model.arch)
     B, H, W, _ = images.shape
     check_layers(model, cfg, (H, W))
     t = _targets_array(targets, B, len(model.classes))
     if background is None and cfg.background == "mean":
+        if model.preprocessing is None:
+            raise ValueError("the 'mean' background needs the model's preprocessing; wrap the "
+                             "model with preprocessing=... or pass background=")
         color = model.preprocessing.normalize(np.asarray(model.preprocessing.mean) * 255.0)
         background = np.broadcast_to(color.astype(images.dtype), images.shape)
     if background is not None:
@@ -996,8 +1002,7 @@ def explain(model, images, targets=None, preset: str | Config | None = None,
 
 def check_layers(model, cfg: Config, hw: tuple[int, int]) -> None:
     """Clear errors, before compiling, for l0/l1 choices that cannot work."""
-    from gfi_jax.models import layer_shapes  # shapes by abstract evaluation: no FLOPs
-    shapes = layer_shapes(model.arch.name, hw)
+    shapes = model.layer_shapes(hw)  # by abstract evaluation: no FLOPs
     for l1 in cfg.l1.split("+"):
         s1 = shapes[l1]
         if len(s1) != 3:

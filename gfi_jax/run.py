@@ -253,7 +253,7 @@ def local_rows(a) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the run
 def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | None = None, *,
-        model: str | None = None, weights: str | os.PathLike | None = None,
+        model=None, weights: str | os.PathLike | None = None,
         method: str = "gfi", targets: str = "top1", batch_size: int = 8,
         out: str | os.PathLike = "gfi-out", dtype: str = "uint8", preset: str | None = None,
         image_size: int | None = None, model_dtype: str = "float32", workers: int = 0,
@@ -263,7 +263,8 @@ def run(images: str | os.PathLike | None = None, list_file: str | os.PathLike | 
     `out`, resuming whatever an earlier call with the same arguments left unfinished.
 
     model: an architecture name (default `efficientnet_lite0`; with `weights` only, the
-    folder's). batch_size: the global batch, a multiple of the device count (all processes).
+    folder's), or a model object (`gfi_jax.load_model`'s, or `gfi_jax.wrap`'s with its
+    preprocessing). batch_size: the global batch, a multiple of the device count (all processes).
     targets: "top1" or "labels" (the list's labels). dtype: "uint8", "float16" (or "float32")
     masks. preset / **config: the GFI preset and field overrides (`stage1_steps=1`), or the
     method's options for other methods. image_size: input side (default: the model's).
@@ -363,18 +364,36 @@ def _data_mesh(batch_size: int):
     return Mesh(np.array(devices), ("data",))
 
 
-def _load_model(name: str | None, weights, model_dtype: str, image_size: int | None):
-    """-> (the model, its preprocessing at `image_size`)."""
-    from gfi_jax.weights import load_model
-
-    check_weights(name, weights)
-    m = load_model(name, weights, dtype=model_dtype)
+def _load_model(name, weights, model_dtype: str, image_size: int | None):
+    """-> (the model, its preprocessing at `image_size`). name: a zoo name (or None), or a
+    model object (`load_model`'s or `wrap`'s), used as it is."""
+    m = _model_object(name, weights, model_dtype)
+    if m is None:
+        from gfi_jax.weights import load_model
+        check_weights(name, weights)
+        m = load_model(name, weights, dtype=model_dtype)
     pre = m.preprocessing
+    if pre is None:
+        raise ValueError(f"run decodes image files, so the model needs its preprocessing; wrap "
+                         f"{m.name} with preprocessing=gfi_jax.io.Preprocessing(size=...)")
     if image_size is not None:
         pre = pre.replace(size=image_size, resize=max(image_size,
                                                       round(image_size * pre.resize / pre.size)))
     m.check_images(np.zeros((1, pre.size, pre.size, 3), np.float32))
     return m, pre
+
+
+def _model_object(model, weights, model_dtype: str):
+    """`model` when it is a model object, not a name (None for a name)."""
+    if model is None or isinstance(model, str):
+        return None
+    if not hasattr(model, "features"):
+        raise ValueError(f"model must be a zoo name or a model (load_model / wrap); got "
+                         f"{type(model).__name__}")
+    if weights is not None or model_dtype != "float32":
+        raise ValueError("weights= and model_dtype= apply to a zoo model name; a model object "
+                         "brings its own (cast a LoadedModel with m.astype)")
+    return model
 
 
 def _check_labels(names: list[str], labels: list[int], classes: int) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from gfi_jax import gfi as _gfi
 from gfi_jax.methods.baselines import CenterConfig, GfiConfig, center
-from gfi_jax.methods.cam import GAP_MODELS, LAST_CONV, CamConfig, GradCamConfig, cam, gradcam
+from gfi_jax.methods.cam import GAP_MODELS, CamConfig, GradCamConfig, cam, gradcam
 from gfi_jax.methods.gradients import (GradConfig, GuidedBackpropConfig, IntegratedGradientsConfig,
                                        SmoothGradConfig, grad, guided_backprop,
                                        integrated_gradients, smoothgrad)
@@ -69,18 +69,20 @@ def make_config(method: str, model=None, **config) -> Any:
 
 
 def _resolve_layer(name: str, model, cfg):
-    arch = model.arch.name
+    # The layer defaults and CAM's applicability are fields of the model's `Arch` record,
+    # so a zoo model and a wrapped one answer alike.
+    arch = model.arch
     if name == "cam":
-        if arch not in GAP_MODELS:
+        if not arch.gap:
             raise ValueError(f"CAM needs a model that ends in global average pooling + one "
-                             f"linear layer ({', '.join(GAP_MODELS)}); {arch} does not. "
-                             "Use method='gradcam' instead")
-        layer = model.arch.resolve(cfg.layer or LAST_CONV[arch])
-        if layer != LAST_CONV[arch]:
+                             f"linear layer ({', '.join(GAP_MODELS)}, or a model wrapped with "
+                             f"gap=True); {arch.name} does not. Use method='gradcam' instead")
+        layer = arch.resolve(cfg.layer or arch.cam_layer)
+        if layer != arch.cam_layer:
             raise ValueError(f"CAM weighs the map that feeds the average pooling, "
-                             f"{LAST_CONV[arch]!r} for {arch}; got layer {cfg.layer!r}")
+                             f"{arch.cam_layer!r} for {arch.name}; got layer {cfg.layer!r}")
     else:
-        layer = model.arch.resolve(cfg.layer or LAST_CONV.get(arch, model.arch.l1))
+        layer = arch.resolve(cfg.layer or arch.cam_layer)
     return dataclasses.replace(cfg, layer=layer)
 
 
@@ -112,7 +114,7 @@ def targets_array(targets, batch: int, num_classes: int) -> np.ndarray:
 def attribute(m, images, method: str = "gfi", targets=None, **config) -> np.ndarray:
     """Saliency `(B, H, W)` float32 of `method` for preprocessed `images` `(B, H, W, 3)`.
 
-    m: a `gfi_jax.LoadedModel`. targets: None or "top1" (each image's top class), "rankK",
+    m: a `gfi_jax.LoadedModel` or a `gfi_jax.wrap`ped model. targets: None or "top1" (each image's top class), "rankK",
     one class index for all images, or one per image. config: the method's options (see
     `METHODS[method].config`), e.g. `steps=32` for integrated_gradients; for "gfi" a
     `preset` name and any `gfi_jax.Config` field.

@@ -2,6 +2,7 @@
 change when the weights are destroyed does not explain the model."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import jax
@@ -126,9 +127,9 @@ def _leaf_name(path) -> str:
 
 
 def _with(m, params):
-    from gfi_jax.models import LoadedModel
-    new = LoadedModel(m.arch, params, classes=m.classes, preprocessing=m.preprocessing,
-                      dtype=m.dtype, metadata=m.metadata)
+    """m with other params, any kind of model (zoo or wrapped)."""
+    new = copy.copy(m)
+    new.params = params
     # `features` is pure in its params: sharing m's keeps one compiled GFI program for every
     # randomization level (the programs are cached per features function and config).
     new.features = m.features

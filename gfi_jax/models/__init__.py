@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from typing import Callable, Iterable, Mapping
 
 import jax
@@ -55,9 +56,10 @@ class Arch:
             return name
         if name in self.aliases:
             return self.aliases[name]
+        also = (f" (torchvision-style paths such as {next(iter(self.aliases))!r} are accepted "
+                "too)" if self.aliases else "")
         raise ValueError(f"{self.name} has no layer {name!r}; valid layers: "
-                         f"{', '.join(self.layers)} (torchvision-style paths such as "
-                         f"{next(iter(self.aliases), '')!r} are accepted too)")
+                         f"{', '.join(self.layers)}{also}")
 
     def abstract(self, num_classes: int = 1000, dtype=jnp.float32,
                  kernels: Kernels = XLA) -> nnx.Module:
@@ -147,6 +149,39 @@ def _layer_shapes(name: str, size: tuple[int, int]) -> tuple[tuple[str, tuple[in
     return tuple((k, tuple(out[k].shape[1:])) for k in arch.layers)
 
 
+def check_image_shape(images) -> tuple[int, ...]:
+    """The shape of a `(B, H, W, 3)` batch, or the one-line ValueError every model gives."""
+    shape = tuple(np.shape(images))
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"images must be (B, H, W, 3) preprocessed arrays; got shape {shape}"
+                         " (use m.preprocess(pil_image) and stack along a new first axis)")
+    return shape
+
+
+class Model(typing.Protocol):
+    """What the front ends (`explain`, `attribute`, the metrics, `run`) read from a model: a
+    zoo `LoadedModel` or a `wrap`ped one (`models.custom.WrappedModel`).
+
+    arch: its `Arch` record: `name`, `layers`, `resolve`, GFI's `l0`/`l1`, `cam_layer`, `gap`.
+    features / params: the pure `features(params, x, layers) -> {name: activation}` and its
+    parameters (the compile caches key on `features`). classes: the class names (their count
+    bounds the targets). preprocessing: an `io.Preprocessing` (or None for a wrapped model
+    without one: no `run`, no "mean" background). input_dtype: what images are cast to.
+    """
+    arch: Arch
+    params: typing.Any
+    classes: tuple[str, ...]
+    preprocessing: io.Preprocessing | None
+    input_dtype: np.dtype
+
+    @property
+    def name(self) -> str: ...
+    def features(self, params, images, layers) -> dict[str, jax.Array]: ...
+    def check_images(self, images) -> None: ...       # ValueError before any compile
+    def layer_shapes(self, hw: tuple[int, int]) -> dict[str, tuple[int, ...]]: ...
+    def __call__(self, images, layers: Iterable[str] = ()) -> dict[str, jax.Array]: ...
+
+
 class LoadedModel:
     """A model with its weights, preprocessing and class names.
 
@@ -193,12 +228,13 @@ class LoadedModel:
         out = collect(nnx.merge(self.graphdef, params).stages(images), canon)
         return {n: out[c] for n, c in zip(names, canon)}
 
+    def layer_shapes(self, hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+        """Every layer's activation shape (without batch) at input size `hw`."""
+        return layer_shapes(self.arch.name, hw)
+
     def check_images(self, images) -> None:
         """ValueError, before any compile, for inputs this network cannot take."""
-        shape = tuple(np.shape(images))
-        if len(shape) != 4 or shape[-1] != 3:
-            raise ValueError(f"images must be (B, H, W, 3) preprocessed arrays; got shape {shape}"
-                             " (use m.preprocess(pil_image) and stack along a new first axis)")
+        shape = check_image_shape(images)
         if min(shape[1:3]) < self.arch.min_size:
             raise ValueError(f"{self.name} needs images of at least {self.arch.min_size}×"
                              f"{self.arch.min_size} pixels; got {shape[1]}×{shape[2]}")

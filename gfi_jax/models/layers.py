@@ -155,8 +155,13 @@ def rectify(x: jax.Array, hi: float | None, guided: bool) -> jax.Array:
 
 
 def is_rectifier(eqn) -> bool:
-    """Whether a jaxpr equation is a call of `rectify` (the output of `relu` or `relu6`)."""
-    return eqn.params.get("name") == rectify.__name__
+    """Whether a jaxpr equation is a call of `rectify` (the output of `relu` or `relu6`), or
+    of `jax.nn.relu` / `relu6`, which a user's own model (`gfi_jax.wrap`) rectifies with: a
+    jit named so, or a custom_jvp call of one (as `jax.nn.relu` traces)."""
+    if eqn.params.get("name") in (rectify.__name__, "relu", "relu6"):
+        return True
+    inner = eqn.params.get("call_jaxpr") if eqn.primitive.name == "custom_jvp_call" else None
+    return inner is not None and len(inner.eqns) == 1 and is_rectifier(inner.eqns[0])
 
 
 def _clip_guided(x: jax.Array, hi: float | None) -> jax.Array:
