@@ -889,11 +889,86 @@ def _outputs(problem: Problem, c: jax.Array, omega: jax.Array, logits: jax.Array
 
 @functools.lru_cache(maxsize=64)
 def compiled(features: Features, cfg: Config, sequential: bool = False,
-             ext: Extensions = NO_EXTENSIONS) -> Callable:
+             ext: Extensions = NO_EXTENSIONS) -> Program:
     """The jitted program for one (model, config, extensions); jit caches per input shape.
     `features` stands for the model and its layer kernels (`LoadedModel.kernels`, fixed in its
     graphdef), so a model with other kernels is another key; so is another `Extensions`."""
-    return jax.jit(functools.partial(gfi, features, cfg=cfg, sequential=sequential, ext=ext))
+    return Program(features, cfg, jax.jit(functools.partial(gfi, features, cfg=cfg,
+                                                            sequential=sequential, ext=ext)))
+
+
+class Program:
+    """What `compiled` returns: `program(params, images, targets, background=None)` checks its
+    inputs on the host (`check_inputs`), so that a mistake is a one-line ValueError before
+    anything compiles, then runs the jitted `gfi`. `.jitted` is the bare `jax.jit`."""
+
+    def __init__(self, features: Features, cfg: Config, jitted: Callable):
+        self.features, self.cfg, self.jitted = features, cfg, jitted
+        self.shapes: dict = {}   # (image shape, dtype) -> the model's layer shapes there
+
+    def __call__(self, params, images, targets, background=None) -> dict[str, jax.Array]:
+        check_inputs(self, params, images, targets, background)
+        return self.jitted(params, images, targets, background)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args)
+
+
+def check_inputs(program: Program, params, images, targets, background) -> None:
+    """What the pure program needs, checked on the host: l0/l1 set, images `(B, H, W, C)` of
+    finite pixels, `(B, K)` integer targets within the classes (−k: the k-th ranked class), a
+    background of the images' shape, and a `features` that returns l0, l1 and "logits"."""
+    cfg = program.cfg
+    if not cfg.l0 or not cfg.l1:
+        raise ValueError("cfg.l0 and cfg.l1 are unset: name the layers, e.g. gfi_jax.preset("
+                         "'reference', l0=..., l1=...), or use gfi_jax.explain, which fills in "
+                         "the model's defaults")
+    if np.ndim(images) != 4:
+        raise ValueError(f"images must be (B, H, W, C); got shape {np.shape(images)}")
+    B = np.shape(images)[0]
+    if np.ndim(targets) != 2 or np.shape(targets)[0] != B:
+        raise ValueError(f"targets: expected ({B}, K) ints, K per image (−k: the k-th ranked "
+                         f"class); got shape {np.shape(targets)}")
+    if background is not None and np.shape(background) != np.shape(images):
+        raise ValueError(f"background must have the images' shape {np.shape(images)}; "
+                         f"got {np.shape(background)}")
+    key = (tuple(np.shape(images)), str(images.dtype))
+    if key not in program.shapes:
+        program.shapes[key] = _program_layers(program.features, params, images, cfg)
+    classes = program.shapes[key]["logits"][-1]
+    t = np.asarray(targets)
+    if t.dtype.kind not in "iu":
+        raise ValueError(f"targets must be integers (class indices); got {t.dtype}")
+    if t.size and (t.min() < -classes or t.max() >= classes):
+        bad = int(t.min() if t.min() < -classes else t.max())
+        raise ValueError(f"target class {bad} is outside the model's {classes} classes "
+                         f"(0..{classes - 1}; −1..−{classes}: ranks)")
+    finite = np.isfinite if isinstance(images, np.ndarray) else jnp.isfinite
+    if not bool(finite(images).all()):
+        raise ValueError("images contain NaN or Inf pixels; check the decoding and preprocessing")
+
+
+def _program_layers(features: Features, params, images, cfg: Config) -> dict:
+    """The shapes of l0, l1 and the logits for `images`, by abstract evaluation (no FLOPs)."""
+    asked = tuple(dict.fromkeys((cfg.l0, *cfg.l1.split("+"), "logits")))
+    x = jax.ShapeDtypeStruct(np.shape(images), images.dtype)
+    try:
+        out = jax.eval_shape(lambda p, x: features(p, x, asked), params, x)
+    except Exception as e:  # the user's code: say where it failed, on one line
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise ValueError(f"features(params, x, {asked}) fails for images of shape "
+                         f"{np.shape(images)} ({reason}); check the layer names and the input "
+                         "size") from e
+    missing = [n for n in asked if n not in out]
+    if missing:
+        raise ValueError(f"features was asked for {asked} and returned no {missing} (it "
+                         f"returned {', '.join(map(str, out)) or 'nothing'}); return every "
+                         "requested layer, and the class scores under 'logits'")
+    for layer in cfg.l1.split("+"):
+        if len(out[layer].shape) != 4:
+            raise ValueError(f"l1 must be a layer with a spatial map (B, h, w, C); {layer!r} "
+                             f"has shape {tuple(out[layer].shape)}")
+    return {n: tuple(a.shape) for n, a in out.items()}
 
 
 # ----------------------------------------------------------------------------- front end

@@ -332,6 +332,33 @@ def test_bad_input_fails_before_compiling(resnet, monkeypatch, kwargs, message):
         gfi_jax.explain(resnet, **args)
 
 
+def _no_logits(params, x, layers):
+    return {"conv1": x[..., :1]}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(cfg=dict(l0=None)), "cfg.l0 and cfg.l1 are unset"),
+    (dict(images=np.zeros((64, 64, 3), np.float32)), r"images must be \(B, H, W, C\)"),
+    (dict(targets=np.zeros((1,), np.int32)), r"targets: expected \(1, K\) ints"),
+    (dict(targets=np.zeros((1, 1), np.float32)), "targets must be integers"),
+    (dict(targets=np.full((1, 1), 1000, np.int32)), "outside the model's 1000 classes"),
+    (dict(targets=np.full((1, 1), -1001, np.int32)), "target class -1001 is outside"),
+    (dict(images=np.full((1, 64, 64, 3), np.inf, np.float32)), "NaN or Inf"),
+    (dict(background=np.zeros((1, 32, 32, 3), np.float32)), "background must have"),
+    (dict(cfg=dict(l1="conv9")), "fails for images of shape"),
+    (dict(cfg=dict(l1="logits")), "l1 must be a layer with a spatial map"),
+    (dict(features=_no_logits, cfg=dict(l0="conv1", l1="conv1")), r"returned no \['logits'\]"),
+])
+def test_the_pure_program_checks_its_inputs_before_compiling(resnet, change, message):
+    cfg = dataclasses.replace(gfi_jax.preset(**SHORT),
+                              **({"l0": "layer3", "l1": "layer4"} | change.get("cfg", {})))
+    program = G.Program(change.get("features", resnet.features), cfg,
+                        jitted=lambda *a: pytest.fail("ran before validating"))
+    with pytest.raises(ValueError, match=message):
+        program(resnet.params, change.get("images", np.zeros((1, 64, 64, 3), np.float32)),
+                change.get("targets", np.full((1, 1), -1, np.int32)), change.get("background"))
+
+
 def test_bfloat16_keeps_optimizer_state_in_float32(images):
     model = random_model("resnet18").astype("bfloat16")
     e = gfi_jax.explain(model, images[:2], preset=gfi_jax.preset(**SHORT))
