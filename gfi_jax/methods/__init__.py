@@ -18,7 +18,7 @@ import numpy as np
 
 from gfi_jax import gfi as _gfi
 from gfi_jax.methods.baselines import CenterConfig, GfiConfig, center
-from gfi_jax.methods.cam import GAP_MODELS, LAST_CONV, CamConfig, GradCamConfig, cam, gradcam
+from gfi_jax.methods.cam import GAP_MODELS, CamConfig, GradCamConfig, cam, gradcam
 from gfi_jax.methods.gradients import (GradConfig, GuidedBackpropConfig, IntegratedGradientsConfig,
                                        SmoothGradConfig, grad, guided_backprop,
                                        integrated_gradients, smoothgrad)
@@ -69,18 +69,20 @@ def make_config(method: str, model=None, **config) -> Any:
 
 
 def _resolve_layer(name: str, model, cfg):
-    arch = model.arch.name
+    # The record itself, not the LAST_CONV / GAP_MODELS views: a record added after import
+    # (a test's small ViT) has no entry in them.
+    arch, last = model.arch.name, model.arch.cam_layer
     if name == "cam":
-        if arch not in GAP_MODELS:
+        if not model.arch.gap:
             raise ValueError(f"CAM needs a model that ends in global average pooling + one "
                              f"linear layer ({', '.join(GAP_MODELS)}); {arch} does not. "
                              "Use method='gradcam' instead")
-        layer = model.arch.resolve(cfg.layer or LAST_CONV[arch])
-        if layer != LAST_CONV[arch]:
+        layer = model.arch.resolve(cfg.layer or last)
+        if layer != last:
             raise ValueError(f"CAM weighs the map that feeds the average pooling, "
-                             f"{LAST_CONV[arch]!r} for {arch}; got layer {cfg.layer!r}")
+                             f"{last!r} for {arch}; got layer {cfg.layer!r}")
     else:
-        layer = model.arch.resolve(cfg.layer or LAST_CONV.get(arch, model.arch.l1))
+        layer = model.arch.resolve(cfg.layer or last)
     return dataclasses.replace(cfg, layer=layer)
 
 

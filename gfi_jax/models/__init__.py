@@ -113,7 +113,9 @@ def _vit(name: str, cfg: vit.ViTConfig, checkpoint: str) -> Arch:
     grid. No global average pooling (the head reads the class token), so no CAM."""
     late = f"blocks.{max(cfg.num_layers - 2, 0)}"
     return Arch(name, functools.partial(vit.ViT, cfg), vit.layer_names(cfg),
-                vit.torch_aliases(cfg), io.TORCHVISION, cfg.image_size, f"{late}.pos",
+                vit.torch_aliases(cfg),  # torchvision's eval transform, scaled: 256 -> 224
+                io.TORCHVISION.replace(size=cfg.image_size, resize=round(cfg.image_size / 0.875)),
+                cfg.image_size, f"{late}.pos",
                 f"{late}.pos", "torchvision", checkpoint, functools.partial(vit.torch_keys, cfg),
                 cam_layer=f"{late}.grid", gap=False)
 
