@@ -17,9 +17,11 @@ from jax.extend import core as jcore
 Features = Callable[[Any, jax.Array, Sequence[str]], dict]
 
 
-def split_at_layer(features: Features, params: Any, images: jax.Array,
-                   layer: str) -> tuple[jax.Array, Callable[[jax.Array], jax.Array], Any]:
-    """(A `(B, h, w, C)`, tail: A -> float32 logits, the jaxpr equation that computes A)."""
+def split_at_layer(features: Features, params: Any, images: jax.Array, layer: str,
+                   check: Callable[[Any], None] | None = None
+                   ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array], Any]:
+    """(A `(B, h, w, C)`, tail: A -> float32 logits, the jaxpr equation that computes A).
+    `check(equation)`: the caller's own test of that equation, run first (it may raise)."""
     def f(p, x):
         out = features(p, x, (layer, "logits"))
         return out[layer], out["logits"].astype(jnp.float32)
@@ -29,6 +31,8 @@ def split_at_layer(features: Features, params: Any, images: jax.Array,
     made = next((e for e in closed.jaxpr.eqns if any(v is var for v in e.outvars)), None)
     if made is None:
         raise ValueError(f"layer {layer!r} is an input of the network, not computed by it")
+    if check is not None:
+        check(made)
     if not feeds(closed.jaxpr, var, closed.jaxpr.outvars[1]):
         raise ValueError(f"layer {layer!r} does not feed the logits, so their gradient with "
                          "respect to it is zero; choose a layer the network goes on from (for "

@@ -158,7 +158,9 @@ class Block(nnx.Module):
         return self.out(o.transpose(0, 2, 1, 3).reshape(b, n, d))
 
     def taps(self, x: jax.Array, hw: tuple[int, int]) -> Iterator[tuple[str, jax.Array]]:
-        """Yields (".mlp", ·), (".pos", ·), ("", block output) and (".grid", ·)."""
+        """Yields (".mlp", ·), (".pos", ·), ("", block output), (".grid", ·), then ("next",
+        the block output rebuilt from its grid): what the next block reads, so that the grid
+        view feeds the rest of the network."""
         x = x + self.attention(self.ln_1(x))
         h = jax.nn.gelu(self.fc1(self.ln_2(x)), approximate=False)
         yield ".mlp", h
