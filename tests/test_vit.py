@@ -190,8 +190,7 @@ def test_pth_and_safetensors_convert_without_torch(files, model, no_torch_run):
     (proc, out), st = no_torch_run, files[2]
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
-    tmp_path = out
-    (a, meta_a), (b, meta_b) = load_weights(tmp_path / "pth"), load_weights(tmp_path / "st")
+    (a, meta_a), (b, meta_b) = load_weights(out / "pth"), load_weights(out / "st")
     held = {"/".join(map(str, p)): np.asarray(v.get_value())   # what the model holds
             for p, v in nnx.to_flat_state(model.params)}
     assert a.keys() == b.keys() == held.keys()
@@ -293,7 +292,8 @@ def test_bfloat16(model, images):
     assert np.isfinite(e.mask).all() and e.mask.min() >= 0 and e.mask.max() <= 1
 
 
-FAST_OPTIONS = {"smoothgrad": dict(samples=2, chunk=2), "integrated_gradients": dict(steps=2, chunk=2),
+FAST_OPTIONS = {"smoothgrad": dict(samples=2, chunk=2),
+                "integrated_gradients": dict(steps=2, chunk=2),
                 "rise": dict(masks=8, chunk=8), "meaningful_perturbation": dict(steps=2)}
 
 
@@ -337,9 +337,9 @@ def test_cli_convert_and_explain(files, tmp_path):
     assert rc == 0, err
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 120, 3), np.uint8)).save(photo)
-    rc, stdout, err = _gfi_jax("explain", photo, "--weights", tmp_path / "w", "--out", tmp_path / "o",
-                               "--json", "--quiet", "--set", "stage1_steps=2",
-                               "--set", "stage2_steps=2")
+    rc, stdout, err = _gfi_jax("explain", photo, "--model", NAME, "--weights", tmp_path / "w",
+                               "--out", tmp_path / "o", "--json", "--quiet",
+                               "--set", "stage1_steps=2", "--set", "stage2_steps=2")
     assert rc == 0, err
     assert json.loads(stdout)["run"]["model"] == NAME
     mask = np.load(tmp_path / "o" / "photo.npy")
