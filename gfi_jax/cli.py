@@ -42,16 +42,21 @@ def _models(args) -> int:
     from gfi_jax.models import ARCHS, layer_shapes
     from gfi_jax.weights import cache_dir, default_weights_dir
 
-    print(f"{'model':<20}{'l0':<10}{'l1':<16}{'input':<8}{'min':<6}weights")
+    print(f"{'model':<20}{'l0':<16}{'l1':<16}{'input':<8}{'min':<6}weights")
     for name, arch in ARCHS.items():
         cached = (default_weights_dir(name) / "metadata.json").is_file()
         note = "cached" if cached else ("converted on first use" if name == DEFAULT_MODEL
                                         else f"- (gfi-jax convert --arch {name} --source "
                                              f"{convert_source(arch)})")
-        print(f"{name:<20}{arch.l0:<10}{arch.l1:<16}{arch.preprocessing.size:<8}"
+        print(f"{name:<20}{arch.l0:<16}{arch.l1:<16}{arch.preprocessing.size:<8}"
               f"{arch.min_size:<6}{note}")
         if args.layers:
-            for layer, shape in layer_shapes(name, args.size).items():
+            try:
+                shapes = layer_shapes(name, args.size)
+            except ValueError as e:   # a fixed-size model (the ViT) at another --size
+                print(f"    ({e})")
+                continue
+            for layer, shape in shapes.items():
                 print(f"    {layer:<24}{shape}")
     print(f"default model: {DEFAULT_MODEL}; weights cache: {cache_dir() / 'weights'}")
     return 0

@@ -17,9 +17,11 @@ from jax.extend import core as jcore
 Features = Callable[[Any, jax.Array, Sequence[str]], dict]
 
 
-def split_at_layer(features: Features, params: Any, images: jax.Array,
-                   layer: str) -> tuple[jax.Array, Callable[[jax.Array], jax.Array], Any]:
-    """(A `(B, h, w, C)`, tail: A -> float32 logits, the jaxpr equation that computes A)."""
+def split_at_layer(features: Features, params: Any, images: jax.Array, layer: str,
+                   check: Callable[[Any], None] | None = None
+                   ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array], Any]:
+    """(A `(B, h, w, C)`, tail: A -> float32 logits, the jaxpr equation that computes A).
+    `check(equation)`: the caller's own test of that equation, run first (it may raise)."""
     def f(p, x):
         out = features(p, x, (layer, "logits"))
         return out[layer], out["logits"].astype(jnp.float32)
@@ -29,9 +31,25 @@ def split_at_layer(features: Features, params: Any, images: jax.Array,
     made = next((e for e in closed.jaxpr.eqns if any(v is var for v in e.outvars)), None)
     if made is None:
         raise ValueError(f"layer {layer!r} is an input of the network, not computed by it")
+    if check is not None:
+        check(made)
+    if not feeds(closed.jaxpr, var, closed.jaxpr.outvars[1]):
+        raise ValueError(f"layer {layer!r} does not feed the logits, so their gradient with "
+                         "respect to it is zero; choose a layer the network goes on from (for "
+                         "a token grid, continue from it with gfi_jax.models.grid_to_tokens)")
     head, tail = cut_at(closed, var)
     a, *rest = jcore.jaxpr_as_fun(head)(*jax.tree.leaves((params, images)))
     return a, lambda a: jcore.jaxpr_as_fun(tail)(a, *rest)[1], made
+
+
+def feeds(jaxpr: jcore.Jaxpr, var, out) -> bool:
+    """Whether the value `out` is computed from `var` (or is it). Structural: a view that
+    only branches off the forward pass (an output-only reshape) does not feed it."""
+    reached = {var}
+    for e in jaxpr.eqns:
+        if any(isinstance(v, jcore.Var) and v in reached for v in e.invars):
+            reached.update(e.outvars)
+    return isinstance(out, jcore.Var) and out in reached
 
 
 def cut_at(closed: jcore.ClosedJaxpr, var) -> tuple[jcore.ClosedJaxpr, jcore.ClosedJaxpr]:

@@ -55,10 +55,11 @@ def layer_gradient(features: Features, params: Any, images: jax.Array, targets: 
     at A (`jaxpr_cut.split_at_layer`), one forward and one backward. `require_rectifier`:
     ValueError unless A is the output of gfi_jax's own `relu`/`relu6` (the CAM methods pass
     False: they weigh any layer's channels)."""
-    a, tail, made = split_at_layer(features, params, images, layer)
-    if require_rectifier and not is_rectifier(made):
-        raise ValueError(f"layer {layer!r} is not the output of a ReLU; choose a rectified "
-                         "conv layer (e.g. a conv or block output, not a pooling layer)")
+    def rectified(made):
+        if require_rectifier and not is_rectifier(made):
+            raise ValueError(f"layer {layer!r} is not the output of a ReLU; choose a rectified "
+                             "conv layer (e.g. a conv or block output, not a pooling layer)")
+    a, tail, _ = split_at_layer(features, params, images, layer, check=rectified)
     logits, vjp = jax.vjp(tail, a)
     t = resolve(logits, targets)
     (g,) = vjp(jax.nn.one_hot(t, logits.shape[1], dtype=logits.dtype))

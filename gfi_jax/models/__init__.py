@@ -17,9 +17,10 @@ import numpy as np
 from flax import nnx
 
 from gfi_jax import io
-from gfi_jax.models import alexnet, cpu_kernels, efficientnet_lite, resnet, torch_keys, vgg
+from gfi_jax.models import (alexnet, cpu_kernels, efficientnet_lite, resnet, torch_keys, vgg,
+                            vit)
 from gfi_jax.models.cpu_kernels import XLA, Kernels
-from gfi_jax.models.layers import collect
+from gfi_jax.models.layers import collect, grid_to_tokens, tokens_to_grid  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,24 @@ def _lite(n: int, size: int, file: str, preset: str = "reference") -> Arch:
                 cam_layer="head", gap=True, preset=preset)
 
 
+def _vit(name: str, cfg: vit.ViTConfig, checkpoint: str) -> Arch:
+    """A torchvision VisionTransformer of config `cfg`, at its one input size. Token layers
+    reach GFI and CAM as grids (`vit`'s `.pos` and `.grid` views, class token dropped).
+    l0 = l1: the positive part of block L−2's post-GELU MLP hidden (GELU dips to −0.17 and
+    the mask basis must be non-negative, so its negative lobe is clipped). Block L−2, not the
+    last: the head reads only the class token, and the last block's patch tokens feed
+    nothing after its attention, so their gradient (Grad-CAM's, GFI's gradient start) is 0;
+    block L−2's feed the last block's attention. Grad-CAM's layer is that block's output
+    grid. No global average pooling (the head reads the class token), so no CAM."""
+    late = f"blocks.{max(cfg.num_layers - 2, 0)}"
+    return Arch(name, functools.partial(vit.ViT, cfg), vit.layer_names(cfg),
+                vit.torch_aliases(cfg),  # torchvision's eval transform, scaled: 256 -> 224
+                io.TORCHVISION.replace(size=cfg.image_size, resize=round(cfg.image_size / 0.875)),
+                cfg.image_size, f"{late}.pos",
+                f"{late}.pos", "torchvision", checkpoint, functools.partial(vit.torch_keys, cfg),
+                cam_layer=f"{late}.grid", gap=False)
+
+
 ARCHS: dict[str, Arch] = {a.name: a for a in (
     _vgg("vgg16", "conv5_3", "vgg16-397923af.pth"),
     _vgg("vgg19", "conv5_4", "vgg19-dcbb9e9d.pth"),          # the paper's setting (Sec. 4.1.1)
@@ -118,6 +137,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     _lite(0, 224, "efficientnet-lite0-57934424.pth", preset="detached_lite0"),
     _lite(1, 240, "efficientnet-lite1-77cc7160.pth"),
     _lite(2, 260, "efficientnet-lite2-9656183e.pth"),
+    _vit("vit_b_16", vit.VIT_B_16, _TORCHVISION + "vit_b_16-c867db91.pth"),
 )}
 
 

@@ -38,6 +38,30 @@ def collect(stages: Iterator[tuple[str, jax.Array]], layers: Iterable[str]) -> d
     return out
 
 
+def tokens_to_grid(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    """A token sequence `(B, 1 + h·w, D)` (class token first, then the patches row by row)
+    -> the patch tokens as a `(B, h, w, D)` grid, the class token dropped.
+
+    GFI's mask basis and the CAM methods weigh the channels of a spatial map, so a
+    transformer's features function returns its token layers through this (a zoo ViT does;
+    a wrapped model calls it with its own grid shape). For Grad-CAM, or GFI's gradient start
+    of stage 2, let the network go on from the grid (`grid_to_tokens`): a cut at a layer that
+    does not feed the logits has no gradient."""
+    b, n, d = x.shape
+    h, w = hw
+    if n != 1 + h * w:
+        raise ValueError(f"tokens_to_grid: {n} tokens do not make a class token plus a {h}×{w} "
+                         f"grid ({1 + h * w} tokens); pass the grid shape of the patches")
+    return x[:, 1:].reshape(b, h, w, d)
+
+
+def grid_to_tokens(cls: jax.Array, grid: jax.Array) -> jax.Array:
+    """The class token `(B, 1, D)` and a `(B, h, w, D)` grid -> the sequence `(B, 1 + h·w, D)`
+    (the inverse of `tokens_to_grid`, exact: only data moves)."""
+    b, h, w, d = grid.shape
+    return jnp.concatenate([cls, grid.reshape(b, h * w, d)], axis=1)
+
+
 @functools.lru_cache(maxsize=None)
 def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) averaging matrix with PyTorch's adaptive bins.
