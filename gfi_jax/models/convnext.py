@@ -90,9 +90,10 @@ def layer_norm(c: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class Pointwise(nnx.Module):
-    """PyTorch's `nn.Linear` over the channels of every pixel, computed as a 1×1 conv: per
-    image (a batch equals its single runs bit for bit, as `layers.Dense`), and on CPU with
-    `cpu_kernels.dense_conv`'s fast input gradient inside GFI's loop. Kernel (in, out)."""
+    """PyTorch's `nn.Linear` over the channels of every pixel, computed as a 1×1 conv, so that
+    on CPU it takes `cpu_kernels.dense_conv`'s fast input gradient inside GFI's loop.
+    Kernel (in, out). Not batch-invariant to the last bit (XLA:CPU blocks the product by the
+    batch size); GFI's sequential mode runs each image alone, so its results are."""
 
     def __init__(self, cin: int, cout: int, *, dtype, kernels: Kernels, rngs: nnx.Rngs):
         self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (cin, cout)))
