@@ -237,9 +237,10 @@ class Case:
                 for k, v in _run_reference(self.name, ref64, x)[0].items()}
 
 
-# The convolutional ports. The ViT takes one input size only and has token layers: its
-# parity is checked in tests/test_vit.py.
-CONV_ARCHS = [n for n in ARCHS if not n.startswith("vit_")]
+# The 2015-era convolutional ports. The ViT (one input size, token layers) and ConvNeXt
+# (LayerNorm blocks with no ReLU to hook) have their own parity tests, in tests/test_vit.py
+# and tests/test_convnext.py.
+CONV_ARCHS = [n for n in ARCHS if not n.startswith(("vit_", "convnext_"))]
 
 
 @pytest.fixture(scope="module", params=CONV_ARCHS)
