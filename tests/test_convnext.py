@@ -10,7 +10,6 @@ import io as _io
 import json
 import os
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +23,7 @@ from PIL import Image
 import gfi_jax
 from gfi_jax import cli
 from gfi_jax.gfi import resolve_layers
+from gfi_jax.testing.no_torch import start_conversion
 from gfi_jax.methods import make_config
 from gfi_jax.models.cpu_kernels import CPU
 from gfi_jax.weights import ConversionError, convert, flat_shapes, load_weights
@@ -53,24 +53,6 @@ def _cli(*argv) -> tuple[int, str, str]:
 
 
 # ---------------------------------------------------------------- conversion without torch
-_NO_TORCH = """
-import pickle, sys
-sys.modules["torch"] = None  # `import torch` now raises ImportError
-def boom(*a, **k):
-    raise AssertionError("pickle used")
-class Boom:
-    def __init__(self, *a, **k):
-        boom()
-import gfi_jax.torch_reader as tr
-from weights_conversion.__main__ import main
-pickle.load = pickle.loads = boom
-pickle.Unpickler = tr._Unpickler = Boom
-rc = main(["--arch", "convnext_tiny", "--source", sys.argv[1], "--out", sys.argv[2]])
-assert sys.modules["torch"] is None, "torch was imported"
-sys.exit(rc)
-"""
-
-
 def _random_sd(seed: int = 0) -> dict[str, np.ndarray]:
     """Random arrays under torchvision's key names and shapes (no torch needed)."""
     from gfi_jax.models import torch_keys as tk
@@ -87,9 +69,7 @@ def no_torch_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("no_torch")
     sd = _random_sd(3)
     src = write_safetensors(d / "cnx.safetensors", sd)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _NO_TORCH, str(src), str(d / "w")], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_conversion("convnext_tiny", [(src, d / "w")], REPO)
     yield proc, sd, d / "w"
     if proc.poll() is None:
         proc.kill()

@@ -1,9 +1,7 @@
 """Safetensors checkpoints: the torch-free reader, conversion from it, timm's key names."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -13,6 +11,7 @@ import pytest
 import gfi_jax
 from gfi_jax.models import get_arch, timm_keys
 from gfi_jax.safetensors_reader import CheckpointError, read_safetensors
+from gfi_jax.testing.no_torch import start_conversion
 from gfi_jax.weights import flat_shapes, load_weights
 from weights_conversion.convert import ConversionError, convert, convert_state_dict, load_state_dict
 
@@ -70,24 +69,6 @@ def _random_sd(arch: str, seed: int = 0) -> dict[str, np.ndarray]:
             for t, f, kind in record.torch_keys()}
 
 
-_NO_TORCH = """
-import pickle, sys
-sys.modules["torch"] = None  # `import torch` now raises ImportError
-def boom(*a, **k):
-    raise AssertionError("pickle used")
-class Boom:
-    def __init__(self, *a, **k):
-        boom()
-import gfi_jax.torch_reader as tr
-from weights_conversion.__main__ import main
-pickle.load = pickle.loads = boom
-pickle.Unpickler = tr._Unpickler = Boom
-rc = main(["--arch", "resnet18", "--source", sys.argv[1], "--out", sys.argv[2]])
-assert sys.modules["torch"] is None, "torch was imported"
-sys.exit(rc)
-"""
-
-
 @pytest.fixture(scope="module", autouse=True)
 def no_torch_run(tmp_path_factory):
     """(process, state_dict, out): `python -m weights_conversion` on a random resnet18
@@ -95,9 +76,7 @@ def no_torch_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("no_torch")
     sd = _random_sd("resnet18", seed=3)
     src = write_safetensors(d / "r18.safetensors", sd)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _NO_TORCH, str(src), str(d / "w")], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_conversion("resnet18", [(src, d / "w")], REPO)
     yield proc, sd, d / "w"
     if proc.poll() is None:
         proc.kill()

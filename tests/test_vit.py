@@ -11,9 +11,6 @@ import contextlib
 import dataclasses
 import io as _io
 import json
-import os
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,6 +26,7 @@ torchvision = pytest.importorskip("torchvision")
 import gfi_jax  # noqa: E402
 from gfi_jax import cli  # noqa: E402
 from gfi_jax import gfi as G  # noqa: E402
+from gfi_jax.testing.no_torch import start_conversion  # noqa: E402
 from gfi_jax.jaxpr_guided import NO_RECTIFIER  # noqa: E402
 from gfi_jax.methods import compiled as method_program  # noqa: E402
 from gfi_jax.methods.cam import GradCamConfig  # noqa: E402
@@ -155,18 +153,11 @@ def test_vit_b_16_record_keys_shapes_and_size():
 
 # ---------------------------------------------------------------- conversion
 
-_NO_TORCH = """
-import pickle, sys
-sys.modules["torch"] = None  # `import torch` now raises ImportError
-def boom(*a, **k):
-    raise AssertionError("pickle.load used")
-pickle.load = pickle.loads = boom  # the .pth reader has its own restricted unpickler
+# The subprocess registers the test-only record itself (the .pth file is read by the torch-free
+# reader's own restricted unpickler, so only pickle.load is blocked there).
+_TINY = """
 from gfi_jax.models import ARCHS, _vit, vit
 ARCHS["vit_tiny"] = _vit("vit_tiny", vit.ViTConfig(64, 16, 2, 2, 32, 64), "")
-from weights_conversion.__main__ import main
-for src, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    assert main(["--arch", "vit_tiny", "--source", src, "--out", out]) == 0
-assert sys.modules["torch"] is None, "torch was imported"
 """
 
 
@@ -176,10 +167,8 @@ def no_torch_run(files, tmp_path_factory):
     file, run without torch or pickle.load, started now and checked by its test."""
     _, pth, st, _ = files
     d = tmp_path_factory.mktemp("no_torch")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _NO_TORCH, str(pth), str(d / "pth"), str(st),
-                             str(d / "st")], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_conversion("vit_tiny", [(pth, d / "pth"), (st, d / "st")], REPO,
+                            setup=_TINY, block_unpickler=False)
     yield proc, d
     if proc.poll() is None:
         proc.kill()
