@@ -950,15 +950,10 @@ def check_inputs(program: Program, params, images, targets, background) -> None:
 
 def _program_layers(features: Features, params, images, cfg: Config) -> dict:
     """The shapes of l0, l1 and the logits for `images`, by abstract evaluation (no FLOPs)."""
+    from gfi_jax.models.custom import eval_features
     asked = tuple(dict.fromkeys((cfg.l0, *cfg.l1.split("+"), "logits")))
-    x = jax.ShapeDtypeStruct(np.shape(images), images.dtype)
-    try:
-        out = jax.eval_shape(lambda p, x: features(p, x, asked), params, x)
-    except Exception as e:  # the user's code: say where it failed, on one line
-        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        raise ValueError(f"features(params, x, {asked}) fails for images of shape "
-                         f"{np.shape(images)} ({reason}); check the layer names and the input "
-                         "size") from e
+    out = eval_features(features, params, jax.ShapeDtypeStruct(np.shape(images), images.dtype),
+                        asked)
     missing = [n for n in asked if n not in out]
     if missing:
         raise ValueError(f"features was asked for {asked} and returned no {missing} (it "

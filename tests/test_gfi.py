@@ -345,7 +345,7 @@ def _no_logits(params, x, layers):
     (dict(targets=np.full((1, 1), -1001, np.int32)), "target class -1001 is outside"),
     (dict(images=np.full((1, 64, 64, 3), np.inf, np.float32)), "NaN or Inf"),
     (dict(background=np.zeros((1, 32, 32, 3), np.float32)), "background must have"),
-    (dict(cfg=dict(l1="conv9")), "fails for images of shape"),
+    (dict(cfg=dict(l1="conv9")), "fails for x of shape"),
     (dict(cfg=dict(l1="logits")), "l1 must be a layer with a spatial map"),
     (dict(features=_no_logits, cfg=dict(l0="conv1", l1="conv1")), r"returned no \['logits'\]"),
 ])

@@ -112,6 +112,19 @@ def _class_names(num_classes: int, names: Sequence[str] | None) -> tuple[str, ..
     return names
 
 
+def eval_features(features: Features, params: Any, x: jax.ShapeDtypeStruct,
+                  asked: tuple[str, ...], prefix: str = "") -> Any:
+    """`features(params, x, asked)` by abstract evaluation (shapes only, no FLOPs); the user's
+    code failing there is one ValueError line that says where."""
+    try:
+        return jax.eval_shape(lambda p, x: features(p, x, asked), params, x)
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise ValueError(f"{prefix}features(params, x, {asked}) fails for x of shape "
+                         f"{x.shape} ({reason}); check the input size and the layer names it "
+                         "accepts") from e
+
+
 def abstract_shapes(features: Features, params: Any, hw: tuple[int, int],
                     declared: tuple[str, ...] | None, num_classes: int,
                     name: str) -> dict[str, tuple[int, ...]]:
@@ -119,14 +132,8 @@ def abstract_shapes(features: Features, params: Any, hw: tuple[int, int],
     evaluation; asked for the `declared` layers and "logits" (all it returns, when None).
     ValueError, one line, for a function that fails there or returns no (or wrong) logits."""
     asked = tuple(dict.fromkeys((*(declared or ()), "logits")))
-    x = jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32)
-    try:
-        out = jax.eval_shape(lambda p, x: features(p, x, asked), params, x)
-    except Exception as e:  # the user's code: say where it failed, on one line
-        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        raise ValueError(f"{name}: features(params, x, {asked}) fails for x of shape "
-                         f"{(1, *hw, 3)} ({reason}); check the input size and the layer "
-                         "names it accepts") from e
+    out = eval_features(features, params, jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32),
+                        asked, f"{name}: ")
     if not isinstance(out, dict):
         raise ValueError(f"{name}: features must return a dict {{name: activation}}; "
                          f"got {type(out).__name__}")
