@@ -887,12 +887,18 @@ def _outputs(problem: Problem, c: jax.Array, omega: jax.Array, logits: jax.Array
     }
 
 
-@functools.lru_cache(maxsize=64)
 def compiled(features: Features, cfg: Config, sequential: bool = False,
              ext: Extensions = NO_EXTENSIONS) -> Program:
     """The jitted program for one (model, config, extensions); jit caches per input shape.
     `features` stands for the model and its layer kernels (`LoadedModel.kernels`, fixed in its
     graphdef), so a model with other kernels is another key; so is another `Extensions`."""
+    # One cache key however the arguments are spelled (lru_cache tells f(a, b) from
+    # f(a, b, c=default)).
+    return _compiled(features, cfg, bool(sequential), ext)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(features: Features, cfg: Config, sequential: bool, ext: Extensions) -> Program:
     return Program(features, cfg, jax.jit(functools.partial(gfi, features, cfg=cfg,
                                                             sequential=sequential, ext=ext)))
 
@@ -900,7 +906,8 @@ def compiled(features: Features, cfg: Config, sequential: bool = False,
 class Program:
     """What `compiled` returns: `program(params, images, targets, background=None)` checks its
     inputs on the host (`check_inputs`), so that a mistake is a one-line ValueError before
-    anything compiles, then runs the jitted `gfi`. `.jitted` is the bare `jax.jit`."""
+    anything compiles, then runs the jitted `gfi`. `.jitted` is the bare `jax.jit`, whose
+    other attributes the program passes through."""
 
     def __init__(self, features: Features, cfg: Config, jitted: Callable):
         self.features, self.cfg, self.jitted = features, cfg, jitted
@@ -910,8 +917,11 @@ class Program:
         check_inputs(self, params, images, targets, background)
         return self.jitted(params, images, targets, background)
 
-    def lower(self, *args):
-        return self.jitted.lower(*args)
+    def __getattr__(self, name: str):
+        # The rest of jit's interface (`lower`, `eval_shape`, `_cache_size`, …) as it is.
+        if name == "jitted":
+            raise AttributeError(name)
+        return getattr(self.jitted, name)
 
 
 def check_inputs(program: Program, params, images, targets, background) -> None:
