@@ -38,3 +38,16 @@ def start_conversion(arch: str, pairs: list[tuple[Path, Path]], repo: Path, *,
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)}
     return subprocess.Popen([sys.executable, "-c", script, arch, *args], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Waits for a `start_conversion` process and returns its stdout; AssertionError (with
+    its stderr's end) unless it succeeded, and the process killed if it ran out of time."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    return stdout
