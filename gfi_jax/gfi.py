@@ -1075,7 +1075,9 @@ def explain(model, images, targets=None, preset: str | Config | None = None,
     ext = NO_EXTENSIONS if extensions is None else extensions
     if not isinstance(ext, Extensions):
         raise ValueError(f"extensions must be a gfi_jax.Extensions; got {type(ext).__name__}")
-    out = compiled(model.features, cfg, sequential, ext)(model.params, images, t, background)
+    # The checks above cover what `check_inputs` would check again: run the bare jit.
+    program = compiled(model.features, cfg, sequential, ext).jitted
+    out = program(model.params, images, t, background)
     out = jax.tree.map(np.asarray, jax.device_get(out))
     return Explanation(image_index=np.repeat(np.arange(B), t.shape[1]), config=cfg, **out)
 
