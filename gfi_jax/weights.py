@@ -52,9 +52,18 @@ def default_weights_dir(name: str) -> Path:
     return cache_dir() / "weights" / name
 
 
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
+COMPILATION_CACHE_ENV = "GFI_JAX_COMPILATION_CACHE"
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
     """Turns on JAX's persistent compilation cache (default `cache_dir()/xla`), so a second
-    run of the same program (model, config, batch shape) loads it instead of compiling."""
+    run of the same program (model, config, batch shape) loads it instead of compiling.
+
+    `GFI_JAX_COMPILATION_CACHE=0` leaves it off (returns None): writing an entry serializes
+    the XLA executable, which has crashed a long-lived process that had compiled hundreds of
+    programs, and a process that compiles each program once gains nothing from it."""
+    if os.environ.get(COMPILATION_CACHE_ENV, "1") == "0":
+        return None
     path = Path(path) if path else cache_dir() / "xla"  # JAX creates it on its first write
     jax.config.update("jax_compilation_cache_dir", str(path))
     # Cache every program: GFI's compiles take seconds to minutes, all worth keeping.

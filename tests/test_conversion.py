@@ -417,3 +417,19 @@ def test_missing_weights_say_how_to_convert(_private_cache):
         gfi_jax.load_model("vgg19")
     assert "python -m weights_conversion --arch vgg19" in str(e.value)
     assert not (_private_cache / "weights").exists()
+
+
+def test_compilation_cache_switch(tmp_path, monkeypatch):
+    """`enable_compilation_cache` points JAX's persistent cache at the folder it is given, and
+    leaves JAX's settings alone under GFI_JAX_COMPILATION_CACHE=0 (how the suite runs)."""
+    import jax
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv(weights_mod.COMPILATION_CACHE_ENV, "0")
+    assert weights_mod.enable_compilation_cache(tmp_path / "off") is None
+    assert jax.config.jax_compilation_cache_dir == before
+    monkeypatch.setenv(weights_mod.COMPILATION_CACHE_ENV, "1")
+    try:
+        assert weights_mod.enable_compilation_cache(tmp_path / "on") == tmp_path / "on"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "on")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -103,6 +103,7 @@ def env(tmp_path_factory) -> dict:
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     e.pop("XLA_FLAGS", None)
     e.pop(R.FAULT_ENV, None)
+    e.pop("GFI_JAX_COMPILATION_CACHE", None)   # these processes share their programs
     return e
 
 

@@ -55,10 +55,6 @@ def _torch_tiny(seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_record():
-    # The suite's private persistent compilation cache (conftest), on from the start: the
-    # command-line test's GFI program is then the one the tests before it compiled.
-    from gfi_jax.weights import enable_compilation_cache
-    enable_compilation_cache()
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(ARCHS, NAME, _vit(NAME, TINY, ""))
         yield ARCHS[NAME]
