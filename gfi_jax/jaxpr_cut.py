@@ -17,29 +17,24 @@ from jax.extend import core as jcore
 Features = Callable[[Any, jax.Array, Sequence[str]], dict]
 
 
-def split_at_layer(features: Features, params: Any, images: jax.Array, layer: str,
-                   check: Callable[[Any], None] | None = None
-                   ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array], Any]:
-    """(A `(B, h, w, C)`, tail: A -> float32 logits, the jaxpr equation that computes A).
-    `check(equation)`: the caller's own test of that equation, run first (it may raise)."""
+def split_at_layer(features: Features, params: Any, images: jax.Array, layer: str
+                   ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """(A `(B, h, w, C)`, tail: A -> float32 logits), the network cut at layer A."""
     def f(p, x):
         out = features(p, x, (layer, "logits"))
         return out[layer], out["logits"].astype(jnp.float32)
 
     closed = jax.make_jaxpr(f)(params, images)
     var = closed.jaxpr.outvars[0]
-    made = next((e for e in closed.jaxpr.eqns if any(v is var for v in e.outvars)), None)
-    if made is None:
+    if not any(v is var for e in closed.jaxpr.eqns for v in e.outvars):
         raise ValueError(f"layer {layer!r} is an input of the network, not computed by it")
-    if check is not None:
-        check(made)
     if not feeds(closed.jaxpr, var, closed.jaxpr.outvars[1]):
         raise ValueError(f"layer {layer!r} does not feed the logits, so their gradient with "
                          "respect to it is zero; choose a layer the network goes on from (for "
                          "a token grid, continue from it with gfi_jax.models.grid_to_tokens)")
     head, tail = cut_at(closed, var)
     a, *rest = jcore.jaxpr_as_fun(head)(*jax.tree.leaves((params, images)))
-    return a, lambda a: jcore.jaxpr_as_fun(tail)(a, *rest)[1], made
+    return a, lambda a: jcore.jaxpr_as_fun(tail)(a, *rest)[1]
 
 
 def feeds(jaxpr: jcore.Jaxpr, var, out) -> bool:
@@ -79,7 +74,7 @@ def class_gradient(features: Features, params: Any, images: jax.Array, layer: st
                    c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(A, ∂ logit_c / ∂A, logits) for classes c `(B,)`: one forward, one backward. Logits of
     different images do not interact, so the one-hot cotangent gives each image its own."""
-    a, tail, _ = split_at_layer(features, params, images, layer)
+    a, tail = split_at_layer(features, params, images, layer)
     logits, vjp = jax.vjp(tail, a)
     (g,) = vjp(jax.nn.one_hot(c, logits.shape[1], dtype=logits.dtype))
     return a, g.astype(jnp.float32), logits

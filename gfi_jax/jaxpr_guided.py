@@ -12,7 +12,7 @@ own custom derivative rules (e.g. `cpu_kernels`' convolution backward) still app
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

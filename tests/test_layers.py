@@ -180,5 +180,6 @@ def test_layer_gradient_is_the_gradient_at_the_layer():
     np.testing.assert_array_equal(a, jax.nn.relu(x @ w1))
     np.testing.assert_array_equal(g, w2[:, [1, 3]].T)
     assert t.tolist() == [1, 3]
-    with pytest.raises(ValueError, match="not the output of a ReLU"):
+    # "pre" is recomputed beside h, not what the logits read: a zero gradient, refused.
+    with pytest.raises(ValueError, match="'pre' does not feed the logits"):
         layer_gradient(features, params, x, jnp.array([1, 3]), "pre")

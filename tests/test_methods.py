@@ -14,7 +14,8 @@ from gfi_jax.methods import (METHODS, RiseConfig, MeaningfulPerturbationConfig, 
 from gfi_jax.methods.gradients import noise_samples, quadrature
 from gfi_jax.methods.perturbation import meaningful_perturbation, rise, rise_masks
 from gfi_jax.models import LoadedModel
-from gfi_jax.models.layers import relu, relu6, rectifiers
+from gfi_jax.jaxpr_guided import guided
+from gfi_jax.models.layers import relu, relu6
 
 SIZE = 48   # ResNet-18's layer4 is 2×2 here: CAM maps are not constant
 
@@ -59,14 +60,15 @@ def test_targets_top1_int_and_per_image(m, x):
 
 
 def test_guided_rectifiers_backward_rule():
+    """Springenberg et al.'s rule at the zoo's own rectifiers, elementwise: the gradient
+    passes only where the input is in the linear range and the incoming gradient is > 0."""
     z = jnp.array([-1.0, 0.5, 2.0, 7.0, 3.0])
     w = jnp.array([1.0, 1.0, -1.0, 1.0, 2.0])      # incoming gradient, one negative
-    with rectifiers(guided=True):
-        g = jax.grad(lambda v: (w * relu(v)).sum())(z)
-        g6 = jax.grad(lambda v: (w * relu6(v)).sum())(z)
+    g = jax.grad(lambda v: (w * guided(relu)(v)).sum())(z)
+    g6 = jax.grad(lambda v: (w * guided(relu6)(v)).sum())(z)
     assert g.tolist() == [0.0, 1.0, 0.0, 1.0, 2.0]
     assert g6.tolist() == [0.0, 1.0, 0.0, 0.0, 2.0]     # 7 > 6: outside ReLU6's linear range
-    plain = jax.grad(lambda v: (w * relu(v)).sum())(z)  # outside the context: the usual rule
+    plain = jax.grad(lambda v: (w * relu(v)).sum())(z)  # not rewritten: the usual rule
     assert plain.tolist() == [0.0, 1.0, -1.0, 1.0, 2.0]
 
 

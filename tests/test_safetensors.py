@@ -176,6 +176,7 @@ def test_resnet18_safetensors_equals_pth(r18):
     for k in p_pth:
         np.testing.assert_array_equal(p_st[k], p_pth[k], err_msg=k)
     assert m_st["source"] == str(st.absolute()) and m_st["num_classes"] == 1000
+    assert m_pth["num_classes"] == 1000 and m_pth["source"] != m_st["source"]
 
     m = gfi_jax.load_model("resnet18", weights=w_st)
     x = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype(np.float32)

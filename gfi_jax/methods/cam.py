@@ -53,7 +53,7 @@ def gradcam(features: Features, params: Any, images: jax.Array, targets: jax.Arr
             cfg: GradCamConfig) -> jax.Array:
     """Grad-CAM: αc = mean over (h, w) of ∂ logit_t/∂A_c; map = ReLU(Σc αc A_c), upsampled."""
     layer = cfg.layer or declared_layer(features, "gradcam")
-    a, g, _ = layer_gradient(features, params, images, targets, layer, require_rectifier=False)
+    a, g, _ = layer_gradient(features, params, images, targets, layer)
     alpha = g.mean(axis=(1, 2))
     cam = jnp.einsum("bhwc,bc->bhw", a.astype(jnp.float32), alpha,
                      precision=jax.lax.Precision.HIGHEST)
@@ -78,7 +78,7 @@ def cam(features: Features, params: Any, images: jax.Array, targets: jax.Array,
     parameter paths.
     """
     layer = cfg.layer or declared_layer(features, "cam")
-    a, g, _ = layer_gradient(features, params, images, targets, layer, require_rectifier=False)
+    a, g, _ = layer_gradient(features, params, images, targets, layer)
     h, w = a.shape[1:3]
     weights = g.mean(axis=(1, 2)) * (h * w)
     m = jnp.einsum("bhwc,bc->bhw", a.astype(jnp.float32), weights,

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from gfi_jax.gfi import resolve_targets
 from gfi_jax.jaxpr_cut import split_at_layer
 from gfi_jax.jaxpr_guided import guided as guided_program
-from gfi_jax.models.layers import is_rectifier
 
 Features = Callable[[Any, jax.Array, Sequence[str]], dict]
 
@@ -49,17 +48,10 @@ def input_gradient(features: Features, params: Any, images: jax.Array, targets: 
 
 
 def layer_gradient(features: Features, params: Any, images: jax.Array, targets: jax.Array,
-                   layer: str, require_rectifier: bool = True
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   layer: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(A, ∂ logit_t / ∂A, targets) for the layer `layer`, A `(B, h, w, C)`: the network cut
-    at A (`jaxpr_cut.split_at_layer`), one forward and one backward. `require_rectifier`:
-    ValueError unless A is the output of gfi_jax's own `relu`/`relu6` (the CAM methods pass
-    False: they weigh any layer's channels)."""
-    def rectified(made):
-        if require_rectifier and not is_rectifier(made):
-            raise ValueError(f"layer {layer!r} is not the output of a ReLU; choose a rectified "
-                             "conv layer (e.g. a conv or block output, not a pooling layer)")
-    a, tail, _ = split_at_layer(features, params, images, layer, check=rectified)
+    at A (`jaxpr_cut.split_at_layer`), one forward and one backward."""
+    a, tail = split_at_layer(features, params, images, layer)
     logits, vjp = jax.vjp(tail, a)
     t = resolve(logits, targets)
     (g,) = vjp(jax.nn.one_hot(t, logits.shape[1], dtype=logits.dtype))

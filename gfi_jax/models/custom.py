@@ -34,9 +34,8 @@ class WrappedModel:
     GFI's and Grad-CAM's default layers are the last layer with a spatial map `(h, w, C)`:
     the highest-level map that still says *where*, as the zoo's are (VGG's conv5_3, ResNet's
     layer4, EfficientNet's head); l0 = l1 = it, as the released code does
-    (`Config.same_layer`). CAM (`gap=True`) weighs that same map. Grad-CAM and CAM need their
-    layer to be the output of a ReLU (`jax.nn.relu`) as returned, so rectify after any move
-    to NHWC. The layers are listed once, at the probe size (`wrap`'s input_size); a layer's
+    (`Config.same_layer`). CAM (`gap=True`) weighs that same map; GFI's mask basis must be
+    non-negative there (a ReLU's output, or a clipped view as the zoo's ViT has). The layers are listed once, at the probe size (`wrap`'s input_size); a layer's
     rank, which picks the defaults, does not change with the size.
     """
 

@@ -5,7 +5,6 @@ take the model's `Kernels` when the model is built.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Iterable, Iterator
 
@@ -60,6 +59,14 @@ def grid_to_tokens(cls: jax.Array, grid: jax.Array) -> jax.Array:
     (the inverse of `tokens_to_grid`, exact: only data moves)."""
     b, h, w, d = grid.shape
     return jnp.concatenate([cls, grid.reshape(b, h * w, d)], axis=1)
+
+
+def positive_part(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(max(h, 0), min(h, 0)), whose sum is h exactly (x + 0 = x). Written with `where`, not
+    `max`: Guided Backprop looks for max(x, 0) to find a network's ReLUs, and this view of a
+    GELU network (ViT, ConvNeXt) is not one (the network itself never clips)."""
+    on = h > 0
+    return jnp.where(on, h, 0), jnp.where(on, 0, h)
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,67 +147,11 @@ def linear(cin: int, cout: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> Dense:
 
 
 # ----------------------------------------------------------------------------- rectifiers
-# The models call `relu` / `relu6` from here so that Guided Backprop can change their backward
-# rule at trace time: within `rectifiers(guided=True)` they use the guided rule. The switch
-# is read while tracing, so jit a function that enters the context inside itself; outside it
-# the models are unchanged.
-_guided = False
-
-
-@contextlib.contextmanager
-def rectifiers(guided: bool = False):
-    """Within: `relu`/`relu6` use Guided Backprop's backward rule (when `guided`)."""
-    global _guided
-    saved, _guided = _guided, guided
-    try:
-        yield
-    finally:
-        _guided = saved
-
-
+# Plain functions: Guided Backprop finds every max(x, 0) in the traced program
+# (`gfi_jax.jaxpr_guided`), so the models need no switchable rectifier of their own.
 def relu(x: jax.Array) -> jax.Array:
-    return rectify(x, None, _guided)
+    return jax.nn.relu(x)
 
 
 def relu6(x: jax.Array) -> jax.Array:
-    return rectify(x, 6.0, _guided)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def rectify(x: jax.Array, hi: float | None, guided: bool) -> jax.Array:
-    """clip(x, 0, hi) (hi None: ReLU), with Guided Backprop's backward when `guided`.
-
-    A function of its own under `jax.jit`: a traced program shows each rectifier as one
-    `jit` equation named "rectify" (`is_rectifier`), which is how `methods.common` tells a
-    rectified layer; `hi` and `guided` are static, so part of jit's cache key."""
-    if guided:
-        return _clip_guided(x, hi)
-    return nnx.relu(x) if hi is None else jnp.clip(x, 0, hi)
-
-
-def is_rectifier(eqn) -> bool:
-    """Whether a jaxpr equation is a call of `rectify` (the output of `relu` or `relu6`), or
-    of `jax.nn.relu` / `relu6`, which a user's own model (`gfi_jax.wrap`) rectifies with: a
-    jit named so, or a custom_jvp call of one (as `jax.nn.relu` traces)."""
-    if eqn.params.get("name") in (rectify.__name__, "relu", "relu6"):
-        return True
-    inner = eqn.params.get("call_jaxpr") if eqn.primitive.name == "custom_jvp_call" else None
-    return inner is not None and len(inner.eqns) == 1 and is_rectifier(inner.eqns[0])
-
-
-def _clip_guided(x: jax.Array, hi: float | None) -> jax.Array:
-    @jax.custom_vjp
-    def f(x):
-        return jnp.clip(x, 0, hi)
-
-    def fwd(x):
-        return f(x), x
-
-    def bwd(x, g):
-        # Guided Backprop (Springenberg et al. 2015): pass the gradient only where the input
-        # was in the linear range *and* the incoming gradient is positive.
-        inside = (x > 0) if hi is None else (x > 0) & (x < hi)
-        return (jnp.where(inside & (g > 0), g, jnp.zeros_like(g)),)
-
-    f.defvjp(fwd, bwd)
-    return f(x)
+    return jnp.clip(x, 0, 6.0)
