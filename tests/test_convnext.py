@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -131,11 +130,15 @@ def test_logits_and_every_named_layer_match_torchvision(ckpt, model, images):
         tm(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
     for h in hooks:
         h.remove()
-    assert set(acts) == set(arch.layers)  # the aliases name every layer
+    # The aliases name every layer but the `.pos` views, which torchvision has no module for:
+    # they are max(GELU, 0) of the block's hidden.
+    acts.update({k[:-len(".gelu")] + ".pos": np.maximum(v, 0)
+                 for k, v in list(acts.items()) if k.endswith(".gelu")})
+    assert set(acts) == set(arch.layers)
     out = model(images, layers=arch.layers)
     for name in arch.layers:
         ref = acts[name]
-        if ref.ndim == 4 and not name.endswith(".gelu"):  # the MLP runs channels-last
+        if ref.ndim == 4 and not name.endswith((".gelu", ".pos")):  # the MLP runs channels-last
             ref = ref.transpose(0, 2, 3, 1)
         got = np.asarray(out[name])
         assert got.shape == ref.shape, name
@@ -189,14 +192,17 @@ def test_torchvision_download_checks_the_url_and_hash(ckpt, tmp_path, monkeypatc
 
 
 # ---------------------------------------------------------------- GFI
-def test_default_basis_is_the_last_blocks_gelu(model, images):
-    """The record's choice: l0 = l1 = stage4.2.gelu (block outputs are signed); GELU's
-    minimum is −0.17, so the basis is near non-negative, and the mask still lies in [0, 1]."""
+def test_default_basis_is_the_positive_part_of_the_last_blocks_gelu(model, images):
+    """The record's choice: l0 = l1 = stage4.2.pos (block outputs are signed, GELU dips to
+    −0.17): max(GELU, 0) exactly, ≥ 0 as the mask basis must be, and not all zero."""
     for name in ("reference", "paper"):
         cfg = resolve_layers(gfi_jax.preset(name), model.arch)
-        assert cfg.l0 == cfg.l1 == "stage4.2.gelu", name
-    f = np.asarray(model(images, layers=model.arch.layers)["stage4.2.gelu"])  # parity's program
-    assert f.shape == (2, 2, 2, 3072) and f.min() >= -0.1701 and f.max() > 0
+        assert cfg.l0 == cfg.l1 == "stage4.2.pos", name
+    out = model(images, layers=("stage4.2.gelu", "stage4.2.pos"))   # parity's program
+    gelu, pos = np.asarray(out["stage4.2.gelu"]), np.asarray(out["stage4.2.pos"])
+    assert pos.shape == (2, 2, 2, 3072) and gelu.min() < 0
+    np.testing.assert_array_equal(pos, np.maximum(gelu, 0))
+    assert pos.max() > 0
 
 
 def test_gfi_batch_equals_single_runs_and_constant_image_is_finite(fast, images):
@@ -227,10 +233,20 @@ def test_gfi_bfloat16(fast, images):
 
 
 # ---------------------------------------------------------------- the other methods
-def test_gradcam_map_has_the_input_size(fast, images):
-    s = gfi_jax.attribute(fast, images[:1], method="gradcam")
-    assert s.shape == (1, 64, 64) and np.isfinite(s).all() and s.min() >= 0
-    assert make_config("gradcam", fast).layer == "stage4"
+FAST_OPTIONS = {"smoothgrad": dict(samples=2, chunk=2),
+                "integrated_gradients": dict(steps=2, chunk=2),
+                "rise": dict(masks=8, chunk=8), "meaningful_perturbation": dict(steps=2)}
+
+
+@pytest.mark.parametrize("name", [m for m in gfi_jax.METHODS
+                                  if m not in ("gfi", "cam", "guided_backprop")])
+def test_every_other_method_gives_a_finite_input_sized_map(fast, images, name):
+    """GFI is tested above; CAM and Guided Backprop refuse (below)."""
+    s = gfi_jax.attribute(fast, images[:1], method=name, **FAST_OPTIONS.get(name, {}))
+    assert s.shape == (1, 64, 64) and s.dtype == np.float32, name
+    assert np.isfinite(s).all() and s.max() > s.min(), name
+    if name == "gradcam":
+        assert s.min() >= 0 and make_config("gradcam", fast).layer == "stage4"
 
 
 def test_cam_and_guided_backprop_refuse_with_one_line(model, images):

@@ -139,13 +139,14 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     _lite(2, 260, "efficientnet-lite2-9656183e.pth"),
     _vit("vit_b_16", vit.VIT_B_16, _TORCHVISION + "vit_b_16-c867db91.pth"),
     # ConvNeXt has no rectifier and its block outputs are signed, while GFI's mask basis must
-    # be >= 0; l0 = l1 = the last block's post-GELU activation (3072 channels, >= -0.17, the
-    # analogue of ResNet-50's layer4.2.act2; the reference preset's l1 is l0). cam_layer: the
+    # be >= 0; l0 = l1 = the positive part of the last block's post-GELU activation (3072
+    # channels, the analogue of ResNet-50's layer4.2.act2 and of ViT's blocks.10.pos; the
+    # reference preset's l1 is l0). cam_layer: the
     # last stage's output. gap False: a LayerNorm sits between the pool and the Linear.
     # torchvision evaluates it at resize 236, crop 224.
     Arch("convnext_tiny", functools.partial(convnext.ConvNeXt, "convnext_tiny"),
          convnext.layer_names("convnext_tiny"), convnext.torch_aliases("convnext_tiny"),
-         io.TORCHVISION.replace(resize=236), 32, "stage4.2.gelu", "stage4.2.gelu",
+         io.TORCHVISION.replace(resize=236), 32, "stage4.2.pos", "stage4.2.pos",
          "torchvision", _TORCHVISION + "convnext_tiny-983f1562.pth",
          functools.partial(convnext.torch_keys, "convnext_tiny"), cam_layer="stage4", gap=False),
 )}

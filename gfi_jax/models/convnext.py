@@ -10,8 +10,9 @@ global average pool, LayerNorm, Linear.
 
 Layer names: `stem`; per stage L (1-4) `stage{L}.down` (L ≥ 2: the downsample's output),
 per block `stage{L}.{b}.gelu` (the 4·C-wide post-GELU activation, ≥ −0.17: the only
-nonlinearity, so the nearest thing to a rectified map) and `stage{L}.{b}` (block output,
-signed), `stage{L}` (the stage's last block output); `avgpool`, `norm` (the head's LayerNorm
+nonlinearity), `stage{L}.{b}.pos` (its positive part max(GELU, 0), a map ≥ 0 as GFI's mask
+basis must be; the block reads pos + neg, which is the GELU exactly, so gradients at `.pos`
+flow through the network) and `stage{L}.{b}` (block output, signed), `stage{L}` (the stage's last block output); `avgpool`, `norm` (the head's LayerNorm
 of the pooled vector), `logits`.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jax import lax
 from gfi_jax.models import cpu_kernels
 from gfi_jax.models import torch_keys as tk
 from gfi_jax.models.cpu_kernels import XLA, Kernels
-from gfi_jax.models.layers import adaptive_avg_pool, conv, linear
+from gfi_jax.models.layers import adaptive_avg_pool, conv, linear, positive_part
 
 EPS = 1e-6
 DEPTHS = {"convnext_tiny": (3, 3, 9, 3)}
@@ -40,7 +41,7 @@ def layer_names(variant: str) -> tuple[str, ...]:
         if L > 1:
             names.append(f"stage{L}.down")
         for b in range(n):
-            names += [f"stage{L}.{b}.gelu", f"stage{L}.{b}"]
+            names += [f"stage{L}.{b}.gelu", f"stage{L}.{b}.pos", f"stage{L}.{b}"]
         names.append(f"stage{L}")
     return (*names, "avgpool", "norm", "logits")
 
@@ -121,11 +122,14 @@ class Block(nnx.Module):
         self.layer_scale = nnx.Param(jnp.full((c, 1, 1), 1e-6, jnp.float32))
 
     def taps(self, x: jax.Array) -> Iterator[tuple[str, jax.Array]]:
-        """Yields (".gelu", the hidden activation) and ("", block output)."""
+        """Yields (".gelu", the hidden activation), (".pos", its positive part) and ("",
+        block output), which reads the positive part (so `.pos` feeds the logits)."""
         h = jax.nn.gelu(self.pwconv1(self.norm(self.dwconv(x))), approximate=False)
         yield ".gelu", h
+        pos, neg = positive_part(h)
+        yield ".pos", pos
         gamma = self.layer_scale[...].reshape(-1).astype(x.dtype)
-        yield "", x + gamma * self.pwconv2(h)
+        yield "", x + gamma * self.pwconv2(pos + neg)   # pos + neg = h exactly
 
 
 class Downsample(nnx.Module):

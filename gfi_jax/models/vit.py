@@ -34,7 +34,8 @@ from jax import lax
 
 from gfi_jax.models import torch_keys as tk
 from gfi_jax.models.cpu_kernels import XLA, Kernels
-from gfi_jax.models.layers import Dense, conv, grid_to_tokens, linear, tokens_to_grid
+from gfi_jax.models.layers import (Dense, conv, grid_to_tokens, linear, positive_part,
+                                    tokens_to_grid)
 
 EPS = 1e-6   # torchvision's LayerNorm eps for ViT
 
@@ -126,14 +127,6 @@ class TokenDense(Dense):
 
 def token_linear(cin: int, cout: int, *, dtype, rngs: nnx.Rngs) -> TokenDense:
     return TokenDense(cin, cout, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-
-def positive_part(h: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(max(h, 0), min(h, 0)), whose sum is h exactly (x + 0 = x). Written with `where`, not
-    `max`: Guided Backprop looks for max(x, 0) to find a network's ReLUs, and this view of a
-    GELU network is not one (the network itself never clips)."""
-    on = h > 0
-    return jnp.where(on, h, 0), jnp.where(on, 0, h)
 
 
 class Block(nnx.Module):
