@@ -308,10 +308,11 @@ def test_timm_checkpoint_reported_in_timm_names():
     ("resnet18", "resnet18", 64),
     ("efficientnet_lite0", "tf_efficientnet_lite0", 64),
     pytest.param("vgg16", "vgg16", 224, marks=pytest.mark.slow),  # timm's ConvMlp needs 7×7 maps
+    ("convnext_tiny", "convnext_tiny", 32),
+    pytest.param("vit_b_16", "vit_base_patch16_224", 224, marks=pytest.mark.slow),  # 224² only
 ])
 def test_timm_model_converts(arch, timm_name, size, tmp_path):
-    """A random-init timm model, saved as .safetensors, gives timm's logits once converted.
-    (timm is not a test dependency: this runs where it is installed.)"""
+    """A random-init timm model, saved as .safetensors, gives timm's logits once converted."""
     timm = pytest.importorskip("timm")
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)

@@ -10,6 +10,17 @@ Checked against timm 1.0 (`timm.create_model(name).state_dict()`):
                             `conv_head`, `bn2`, `classifier`, for the efficientnet-lite-pytorch
                             reference's `_conv_stem`, `_bn0`, `_blocks.<n>.*`, `_conv_head`,
                             `_bn1`, `_fc`
+  convnext_tiny             `stem.0`/`.1`, `stages.<s>.downsample.0`/`.1`, `stages.<s>.blocks.<b>.`
+                            `conv_dw`, `norm`, `mlp.fc1`, `mlp.fc2`, `gamma` (shape (C,)), then
+                            `head.norm`, `head.fc`, for torchvision's `features.0.0`/`.1`,
+                            `features.<2s>.0`/`.1`, `features.<2s+1>.<b>.block.0`/`.2`/`.3`/`.5`,
+                            `layer_scale` (C, 1, 1), `classifier.0`/`.2` (timm 1.0.31; LayerNorm eps
+                            1e-6 throughout, as torchvision's)
+  vit_b_16                  timm's `vit_base_patch16_224`: `cls_token`, `pos_embed`,
+                            `patch_embed.proj`, `blocks.<i>.norm1`, `.attn.qkv` (fused q/k/v, as
+                            torchvision's `in_proj_*`), `.attn.proj`, `.norm2`, `.mlp.fc1`/`.fc2`,
+                            `norm`, `head`, for torchvision's `class_token`, `encoder.pos_embedding`,
+                            `conv_proj`, `encoder.layers.encoder_layer_<i>.ln_1`, ... (timm 1.0.31)
 timm's plain `efficientnet_lite*` (PyTorch padding, BN eps 1e-5) has the same names but computes
 differently, and nothing in its weights tells the two apart: `caveat` says so at conversion.
 timm has no AlexNet. A conv-style Linear (VGG's pre_logits) is flattened back to (out, C·kh·kw),
@@ -54,6 +65,41 @@ def _lite_namer(variant: str) -> Callable[[str], str]:
     return name
 
 
+_CONVNEXT_BLOCK = {"block.0.": "conv_dw.", "block.2.": "norm.", "block.3.": "mlp.fc1.",
+                   "block.5.": "mlp.fc2.", "layer_scale": "gamma"}
+_CONVNEXT_TOP = {"features.0.0.": "stem.0.", "features.0.1.": "stem.1.",
+                 "classifier.0.": "head.norm.", "classifier.2.": "head.fc."}
+
+
+def _convnext_name(key: str) -> str:
+    """`features.<2s>.<0|1>.*` (a downsample) / `features.<2s+1>.<b>.*` (a block) -> timm's
+    `stages.<s>.downsample.*` / `stages.<s>.blocks.<b>.*`; stem and head by prefix."""
+    top = _replace_prefix(key, _CONVNEXT_TOP)
+    if top != key:
+        return top
+    _, f, rest = key.split(".", 2)
+    s, block = divmod(int(f), 2)
+    if not block:
+        return f"stages.{s}.downsample.{rest}"
+    b, part = rest.split(".", 1)
+    return f"stages.{s}.blocks.{b}." + _replace_prefix(part, _CONVNEXT_BLOCK)
+
+
+_VIT_TOP = {"class_token": "cls_token", "encoder.pos_embedding": "pos_embed",
+            "conv_proj.": "patch_embed.proj.", "encoder.ln.": "norm.", "heads.head.": "head."}
+_VIT_BLOCK = {"ln_1.": "norm1.", "self_attention.in_proj_": "attn.qkv.",
+              "self_attention.out_proj.": "attn.proj.", "ln_2.": "norm2.", "mlp.0.": "mlp.fc1.",
+              "mlp.3.": "mlp.fc2."}
+
+
+def _vit_name(key: str) -> str:
+    """`encoder.layers.encoder_layer_<i>.*` -> `blocks.<i>.*`; the rest by prefix."""
+    if not key.startswith("encoder.layers."):
+        return _replace_prefix(key, _VIT_TOP)
+    layer, part = key[len("encoder.layers."):].split(".", 1)
+    return f"blocks.{layer.removeprefix('encoder_layer_')}." + _replace_prefix(part, _VIT_BLOCK)
+
+
 def _namer(arch_name: str) -> Callable[[str], str] | None:
     """Reference key -> timm key, for the architectures whose timm names were checked."""
     if arch_name in ("resnet18", "resnet50"):
@@ -62,6 +108,10 @@ def _namer(arch_name: str) -> Callable[[str], str] | None:
         return lambda k: _replace_prefix(k, _VGG_HEAD)
     if arch_name in efficientnet_lite.STAGES:
         return _lite_namer(arch_name)
+    if arch_name.startswith("convnext_"):
+        return _convnext_name
+    if arch_name.startswith("vit_"):
+        return _vit_name
     return None
 
 
@@ -86,6 +136,8 @@ def from_timm(arch, sd: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         a, t = sd[k], table[k]
         if kinds[t] in ("linear", "fc_chw") and np.ndim(a) == 4:  # timm's conv-style Linear
             a = np.reshape(a, (np.shape(a)[0], -1))
+        if t.endswith(".layer_scale"):  # timm's gamma is (C,), torchvision's (C, 1, 1)
+            a = np.reshape(a, (-1, 1, 1))
         out[t] = a
     return out
 
