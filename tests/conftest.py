@@ -27,6 +27,13 @@ os.environ["MPLCONFIGDIR"] = os.path.join(_CACHE, "matplotlib")   # else ~/.conf
 # cache only added executable serialization, which crashed it once (a segfault inside
 # `serialize()` after ~700 tests). Subprocesses that share programs turn it back on (test_run).
 os.environ["GFI_JAX_COMPILATION_CACHE"] = "0"
+# Under the README's `-n 2` each worker gets one OpenMP thread (torch's CPU kernels: the
+# oracle, the parity and Captum references). Two workers of two threads each on CI's two
+# cores made the OpenMP threads spin against each other: the Lite0 oracle test took 413 s in
+# the suite against 75 s alone, and 104 s with one thread per worker (2026-12-04). Set before
+# torch is first imported, which is when OpenMP reads it; a value the user set is kept.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # The longest files, by far (the PyTorch oracle runs each GFI schedule twice; the VGG-19 one
