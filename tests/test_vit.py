@@ -329,3 +329,24 @@ def test_cli_convert_and_explain(files, tmp_path):
     mask = np.load(tmp_path / "o" / "photo.npy")
     assert mask.shape == (64, 64) and np.isfinite(mask).all()
     assert 0 <= mask.min() and mask.max() <= 1
+
+
+def test_cli_run_over_a_folder(files, tmp_path):
+    """`gfi-jax run` with GFI (two steps a stage) over a folder, on the tiny ViT's converted
+    weights: finite masks of the model's size for every image, one record each."""
+    from PIL import Image
+    from gfi_jax.run import read_output
+    rc, _, err = _gfi_jax("convert", "--arch", NAME, "--source", files[2], "--out", tmp_path / "w")
+    assert rc == 0, err
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        rgb = np.random.default_rng(i).integers(0, 255, (70, 90, 3), np.uint8)
+        Image.fromarray(rgb).save(imgs / f"{i}.png")
+    rc, _, err = _gfi_jax("run", "--images", imgs, "--out", tmp_path / "o", "--model", NAME,
+                          "--weights", tmp_path / "w", "--batch-size", 2, "--workers", 0,
+                          "--no-progress", "--set", "stage1_steps=2", "--set", "stage2_steps=2")
+    assert rc == 0, err
+    masks, records = read_output(tmp_path / "o")
+    assert masks.shape == (3, 64, 64) and np.isfinite(masks).all() and masks.max() > 0
+    assert [r["status"] for r in records] == ["ok"] * 3
