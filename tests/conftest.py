@@ -28,18 +28,17 @@ os.environ["MPLCONFIGDIR"] = os.path.join(_CACHE, "matplotlib")   # else ~/.conf
 # `serialize()` after ~700 tests). Subprocesses that share programs turn it back on (test_run).
 os.environ["GFI_JAX_COMPILATION_CACHE"] = "0"
 # Under the README's `-n 2` each worker gets one OpenMP thread (torch's CPU kernels: the
-# oracle, the parity and Captum references). Two workers of two threads each on CI's two
-# cores made the OpenMP threads spin against each other: the Lite0 oracle test took 413 s in
-# the suite against 75 s alone, and 104 s with one thread per worker (2026-12-04). Set before
-# torch is first imported, which is when OpenMP reads it; a value the user set is kept.
+# oracle, the parity and Captum references): with two threads per worker on CI's two cores the
+# workers' OpenMP threads spun against each other and the oracle tests ran several times slower
+# (experiments/results/suite_cpu.md). Set before torch is first imported, which is when OpenMP
+# reads it; a value the user set is kept.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-# The longest files, by far (the PyTorch oracle runs each GFI schedule twice; the VGG-19 one
-# about 40 % of the whole suite): collected first, so that under the README's `-n 2 --dist
-# loadfile` one worker starts each while the other files follow, rather than starting them
-# half way through the run.
+# The longest files, by far (the PyTorch oracle runs each GFI schedule twice): collected
+# first, so that under the README's `-n 2 --dist loadfile` one worker starts each while the
+# other files follow, rather than starting them half way through the run.
 _FIRST = ("test_gfi_vs_oracle.py", "test_gfi_vs_oracle_lite0.py")
 
 
