@@ -181,9 +181,9 @@ def test_gradcam_at_any_layer_is_the_hand_computation(params, x, layer):
     # and the map a sum over C channels. Where those terms nearly cancel (a value near the
     # ReLU's 0) float32 rounding is relative to the terms' size, not to the result: on an
     # AVX-512 CPU 3 of 2048 values were 8e-5 apart relative to themselves, while no value's
-    # error exceeded 3.3e-6 of its terms' size (1.6e-5 is the a-priori bound's factor, with
-    # h·w = 256). So a value passes the bound below
-    # or the a-priori float32 bound of those sums, (h·w + C)·eps·Σ|terms|.
+    # error exceeded 3.3e-6 of its terms' size. So a value passes the first bound below or
+    # the a-priori float32 bound of those sums, (h·w + C)·eps·Σ|terms| (1.6e-5 of Σ|terms|
+    # with h·w = 256).
     got, want, size = (np.asarray(v, np.float64) for v in (got, want, size))
     err = np.abs(got - want)
     bound = np.maximum(1e-5 * np.abs(want) + 1e-6 * np.abs(want).max(),
