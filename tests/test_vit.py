@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -350,3 +351,34 @@ def test_cli_run_over_a_folder(files, tmp_path):
     masks, records = read_output(tmp_path / "o")
     assert masks.shape == (3, 64, 64) and np.isfinite(masks).all() and masks.max() > 0
     assert [r["status"] for r in records] == ["ok"] * 3
+
+
+def test_wrapped_token_model_gets_gfi_and_gradcam_on_its_grid():
+    """A user's own token model (pure JAX: 8×8 patches of a 32² image, a class token, one
+    token-mixing block) returns its grids through `tokens_to_grid` and goes on from them with
+    `grid_to_tokens`: `gfi_jax.wrap` gives it GFI and Grad-CAM maps of the input's size."""
+    from gfi_jax import io
+    g, d, classes = 4, 16, 5
+    rng = np.random.default_rng(0)
+    params = {k: jnp.asarray(rng.normal(0, 0.3, s), jnp.float32) for k, s in
+              {"embed": (8 * 8 * 3, d), "cls": (1, 1, d), "mix": (d, 4 * d), "out": (4 * d, d),
+               "head": (d, classes)}.items()}
+
+    def features(p, x, layers):
+        b = x.shape[0]
+        patches = x.reshape(b, g, 8, g, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, -1)
+        tokens = jnp.concatenate([jnp.broadcast_to(p["cls"], (b, 1, d)), patches @ p["embed"]], 1)
+        hidden = jax.nn.relu(tokens @ p["mix"])
+        grid = tokens_to_grid(hidden, (g, g))                  # (B, 4, 4, 64), non-negative
+        hidden = grid_to_tokens(hidden[:, :1], grid)           # the network goes on from it
+        tokens = tokens + hidden @ p["out"]
+        return {"grid": grid, "logits": tokens.mean(1) @ p["head"]}
+
+    m = gfi_jax.wrap(features, params, num_classes=classes, layers=("grid",),
+                     preprocessing=io.Preprocessing(size=32, resize=32))
+    x = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    e = gfi_jax.explain(m, x, targets=[1, 3], preset=gfi_jax.preset(**SHORT))
+    assert e.mask.shape == (2, 32, 32) and e.mask_l1.shape == (2, g, g)
+    assert np.isfinite(e.mask).all() and (e.mask.max(axis=(1, 2)) > e.mask.min(axis=(1, 2))).all()
+    s = gfi_jax.attribute(m, x, "gradcam", targets=[1, 3])
+    assert s.shape == (2, 32, 32) and np.isfinite(s).all() and np.abs(s).max() > 0
