@@ -69,7 +69,10 @@ class Config:
     score: Literal["softmax", "sigmoid"] = "softmax"
     log_keep: bool = False                 # stage 2 keeps log f_c(Φ) instead of f_c(Φ) (see loss2)
     log_suppress: bool = False             # stage 2 suppresses log f_c(Φ_bg) instead of f_c(Φ_bg)
-    area: float = 0.0                      # weight of the stage-2 mask area mean(m) (see loss2)
+    area: float = 0.0                      # weight of the stage-2 mask area term (see
+                                           # `area_term`): mean(m), or with …
+    target_area: float | None = None       # … a fraction a in (0, 1), the distance of m's
+                                           # area to a (extremal perturbations' constraint)
     normalize: Literal["minmax", "max"] = "max"   # (m−min)/(max−min) or (m−min)/max
     norm_grad: Literal["exact", "detach"] = "exact"   # the gradient through the
                                            # normalization's min and max (see `normalize`)
@@ -91,6 +94,10 @@ class Config:
             value = getattr(self, name)
             if value is not None and not _OPS[op](value, bound):
                 raise ValueError(f"Config.{name}={value!r}: must be {op} {bound}")
+        a = self.target_area
+        if a is not None and not (0 < a < 1 and self.area > 0):
+            raise ValueError(f"Config.target_area={a!r}: must be in (0, 1), with area > 0 as "
+                             f"its weight (area={self.area!r})")
         lo, hi = self.omega_min, self.omega_max
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"Config.omega_min={lo!r} > omega_max={hi!r}: the projection's "
@@ -715,7 +722,7 @@ def blend_logits(problem: Problem, m: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def target_loss(omega: jax.Array, problem: Problem,
                 c: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Stage 2, L_target (Eq. 9): −f_c(Φ) + λ·f_c(Φ_bg) + δ·penalty(ω) (+ area·mean(m)), per
+    """Stage 2, L_target (Eq. 9): −f_c(Φ) + λ·f_c(Φ_bg) + δ·penalty(ω) (+ area·area_term(m)), per
     (image, target); the sum and the per-row losses, as `inversion_loss`.
 
     log_keep / log_suppress: the log of a probability keeps a gradient when c holds little
@@ -729,10 +736,25 @@ def target_loss(omega: jax.Array, problem: Problem,
     drop = class_score(z_bg, c, cfg.score, log=cfg.log_suppress)
     per = -keep + cfg.lam * drop + cfg.delta * penalty(omega, cfg.stage2_penalty)
     if cfg.area:
-        h, w = problem.hw
-        per = per + cfg.area * rowdot(m, jnp.ones_like(m)) / (h * w)
+        per = per + cfg.area * area_term(m, cfg.target_area)
     per = extra_terms(problem.ext.stage2_terms, "stage-2", per, omega, m, z_fg, z_bg, c)
     return per.sum(), per
+
+
+def area_term(m: jax.Array, target: float | None) -> jax.Array:
+    """Stage 2's area term per row of masks `(N, H, W)`: mean(m), which shrinks the mask
+    however it is shaped; or, with a target area a, the mean squared distance of m's values,
+    sorted, to (1 − a)·HW zeros then a·HW ones (Fong et al. 2019's area constraint: zero
+    exactly when m is a binary mask covering the fraction a, so it neither shrinks a mask
+    below a nor lets it spread above it)."""
+    if target is None:
+        h, w = m.shape[1:]
+        return rowdot(m, jnp.ones_like(m)) / (h * w)
+    flat = m.reshape(m.shape[0], -1)
+    n = flat.shape[1]
+    step = (jnp.arange(n) >= round((1 - target) * n)).astype(flat.dtype)
+    d = jnp.sort(flat, axis=1) - step
+    return rowdot(d, d) / n
 
 
 def descent_step(loss: Callable, opt: optax.GradientTransformation, trace: bool, carry, _):

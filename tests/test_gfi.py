@@ -119,6 +119,45 @@ def test_area_term_shrinks_the_mask(resnet, images):
     assert (a1.mask.mean(axis=(1, 2)) < a0).all(), (a1.mask.mean(axis=(1, 2)), a0)
 
 
+def test_area_term_known_answers():
+    """Without a target: the mean of m. With a target area a: 0 for a binary mask that covers
+    exactly a of the pixels wherever they are; 1 − a for an all-ones mask; a for all zeros."""
+    rng = np.random.default_rng(0)
+    m = rng.uniform(size=(3, 10, 10)).astype(np.float32)
+    np.testing.assert_allclose(G.area_term(jnp.asarray(m), None), m.mean(axis=(1, 2)), rtol=1e-6)
+    binary = np.zeros((2, 10, 10), np.float32)
+    binary[0].flat[rng.permutation(100)[:20]] = 1.0           # scattered 20 %
+    binary[1, :4, :5] = 1.0                                    # a 20 % block
+    np.testing.assert_array_equal(G.area_term(jnp.asarray(binary), 0.2), [0.0, 0.0])
+    ones, zeros = np.ones((1, 10, 10), np.float32), np.zeros((1, 10, 10), np.float32)
+    np.testing.assert_allclose(G.area_term(jnp.asarray(ones), 0.2), [0.8], rtol=1e-6)
+    np.testing.assert_allclose(G.area_term(jnp.asarray(zeros), 0.2), [0.2], rtol=1e-6)
+    sorted_m = np.sort(m.reshape(3, -1), axis=1) - (np.arange(100) >= 80)
+    np.testing.assert_allclose(G.area_term(jnp.asarray(m), 0.2),
+                               (sorted_m ** 2).mean(axis=1), rtol=1e-5)
+
+
+def test_stage2_loss_with_a_target_area(resnet, images):
+    # lr = 0, as in test_stage2_loss_terms: the first stage-2 loss from the returned mask.
+    cfg = gfi_jax.preset(stage1_steps=1, stage2_steps=1, lr=0.0, area=2.0, target_area=0.3)
+    e = gfi_jax.explain(resnet, images[:2], targets=[1, 2], preset=cfg)
+    flat = np.sort(e.mask.reshape(2, -1), axis=1)
+    step = np.arange(flat.shape[1]) >= round(0.7 * flat.shape[1])
+    expect = (-e.score_masked + cfg.lam * e.score_background + cfg.delta * (e.omega ** 2).sum(1)
+              + 2.0 * ((flat - step) ** 2).mean(axis=1))
+    np.testing.assert_allclose(e.loss_trace[:, 1], expect, rtol=1e-5)
+
+
+def test_target_area_sets_the_mask_size(resnet, images):
+    """A small target area ends stage 2 with a smaller mask than a large one, from the same
+    stage 1 (the term pulls the mask's area both ways, unlike mean(m))."""
+    base = gfi_jax.preset(stage1_steps=3, stage2_steps=20, lr=0.05, area=20.0)
+    small = gfi_jax.explain(resnet, images, preset=dataclasses.replace(base, target_area=0.1))
+    large = gfi_jax.explain(resnet, images, preset=dataclasses.replace(base, target_area=0.9))
+    a_small, a_large = small.mask.mean(axis=(1, 2)), large.mask.mean(axis=(1, 2))
+    assert (a_small < a_large).all(), (a_small, a_large)
+
+
 def test_basis_from_two_layers(resnet, images):
     """l1 = "a+b": ω weighs both layers' channels, the coarser map resized to the finer grid
     (bilinear; with align_corners=False, jax.image.resize's grid)."""
@@ -208,6 +247,8 @@ def test_presets_and_overrides():
     ("lam", -1, ">= 0"),
     ("delta", -0.5, ">= 0"),
     ("area", -1.0, ">= 0"),
+    ("target_area", 1.5, "must be in (0, 1)"),
+    ("target_area", 0.2, "with area > 0 as its weight"),
     ("omega_init", float("nan"), "a finite number"),
     ("omega_max", float("inf"), "a finite number or None"),
     ("omega_min", "0", "a finite number or None"),
