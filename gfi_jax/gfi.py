@@ -57,6 +57,9 @@ class Config:
                                            # stage 1's, the class gradient at l1, or stage 1's
                                            # gated by it (see `stage2_start`)
     adam_eps: float = 1e-8
+    restarts: int = 1                      # R starts of ω (see `restart_start`); each
+                                           # (image, target) keeps the run whose last
+                                           # stage-2 loss is lowest
     omega_init: float = 0.1
     omega_max: float | None = 1e5          # projection: ω ← clip(ω, omega_min, omega_max)
     omega_min: float | None = 0.0          # the paper's ω ≥ 0; None: signed ω, no lower bound
@@ -107,7 +110,7 @@ class Config:
 # The range of each number whose type alone admits nonsense (None, an unset bound, is exempt).
 # lr = 0 is allowed: it keeps ω at omega_init (the tests read the first losses that way).
 _RANGES = {"stage1_steps": (">=", 0), "stage2_steps": (">=", 0), "lr": (">=", 0),
-           "lr_decay": (">", 0), "lr_every": (">=", 1), "adam_eps": (">", 0),
+           "lr_decay": (">", 0), "lr_every": (">=", 1), "restarts": (">=", 1), "adam_eps": (">", 0),
            "gamma": (">=", 0), "lam": (">=", 0), "delta": (">=", 0), "area": (">=", 0),
            "blur_sigma": (">", 0)}
 _OPS = {">=": operator.ge, ">": operator.gt}
@@ -777,12 +780,15 @@ def descend(loss: Callable, opt: optax.GradientTransformation, omega: jax.Array,
 
 
 def stage1(problem: Problem, f0: jax.Array, opt: optax.GradientTransformation,
-           unroll: bool = False):
-    """Alg. 1 once per image: ω from omega_init, `stage1_steps` steps on L_inversion."""
+           unroll: bool = False, restart: jax.Array | None = None):
+    """Alg. 1 once per image: ω from omega_init (or restart r's start, `restart_start`),
+    `stage1_steps` steps on L_inversion."""
     cfg = problem.cfg
     f0_norm = _sumsq(f0)
     omega = jnp.full((problem.x.shape[0], problem.f1.shape[-1]), cfg.omega_init,
                      problem.x.dtype)
+    if restart is not None:
+        omega = omega * restart_start(cfg, restart, omega.shape[1]).astype(omega.dtype)
     loss = functools.partial(inversion_loss, problem=problem, f0=f0, f0_norm=f0_norm)
     return descend(loss, opt, omega, opt.init(omega), cfg.stage1_steps, cfg.trace_omega, unroll)
 
@@ -849,9 +855,41 @@ def stage2_start(problem: Problem, c: jax.Array, omega1: jax.Array) -> jax.Array
     return jnp.concatenate(parts, axis=1)
 
 
+def restart_start(cfg: Config, r: jax.Array, channels: int) -> jax.Array:
+    """Restart r's factor on stage 1's start omega_init, per channel `(C,)`: 1 for r = 0 (the
+    paper's constant start), else U(½, 3/2) draws of (cfg.seed, r). The mask is normalized,
+    so only the channels' relative weights matter; the draw is the same for every image, so
+    an image's answer does not depend on its batch."""
+    u = jax.random.uniform(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), r), (channels,),
+                           minval=0.5, maxval=1.5)
+    return jnp.where(r == 0, 1.0, u)
+
+
+def best_restart(runs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per row, the restart whose last stage-2 loss (`loss_trace[..., -1]`, the loss before
+    the final step) is lowest, from the program's outputs stacked restarts first."""
+    idx = jnp.argmin(runs["loss_trace"][:, :, -1], axis=0)
+    rows = jnp.arange(idx.shape[0])
+    return {k: a[idx, rows] for k, a in runs.items()}
+
+
 def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.Array,
                p: jax.Array | None, cfg: Config, unroll: bool = False,
                rows_alone: bool = False, ext: Extensions = NO_EXTENSIONS) -> dict[str, jax.Array]:
+    """Both stages once (`_gfi_run`), or `cfg.restarts` times and the best run per row."""
+    run = functools.partial(_gfi_run, features, params, images, targets, p, cfg, unroll,
+                            rows_alone, ext)
+    if cfg.restarts == 1:
+        return run(None)
+    if ext.stage1_state:
+        raise ValueError("Extensions.stage1_state needs Config.restarts=1: with restarts, "
+                         "an image's targets may keep the stage 1 of different runs")
+    return best_restart(jax.lax.map(run, jnp.arange(cfg.restarts)))
+
+
+def _gfi_run(features: Features, params: Any, images: jax.Array, targets: jax.Array,
+             p: jax.Array | None, cfg: Config, unroll: bool, rows_alone: bool,
+             ext: Extensions, restart: jax.Array | None) -> dict[str, jax.Array]:
     k = targets.shape[1]
     x = images.astype(accumulation_dtype(images.dtype))
     p = background(x, cfg) if p is None else p.astype(x.dtype)
@@ -861,7 +899,7 @@ def _gfi_batch(features: Features, params: Any, images: jax.Array, targets: jax.
     opt1 = optimizer(cfg, s1, ext.optimizer)
     opt2 = optimizer(cfg, s2, ext.optimizer) if cfg.restart_stage2 else opt1
     problem = Problem(features, params, x, p, f1, splits, cfg, ext, targets)
-    (omega, state), (trace1, omegas1) = stage1(problem, f0, opt1, unroll)
+    (omega, state), (trace1, omegas1) = stage1(problem, f0, opt1, unroll, restart)
     ends1 = {"stage1_omega": omega, "stage1_state": state} if ext.stage1_state else {}
 
     # Stage 2 runs per (image, target): repeat each image's stage-1 result k times.
@@ -1147,7 +1185,8 @@ def flops(model, cfg: Config, hw: tuple[int, int] = (224, 224),
     analytic: forward + input-gradient FLOPs of the convolutions and matmuls over all steps —
     the clean forward F, stage 1 S₁·(F_l0 forward + F_l0 input gradient), stage 2
     S₂·2·(F + F) for Φ and Φ_bg, and the final 2F scoring pass (an input gradient costs what
-    the forward costs); a gradient start of stage 2 adds 2F per l1 layer. xla: `cost_analysis()` of the compiled program. XLA counts a loop body
+    the forward costs); a gradient start of stage 2 adds 2F per l1 layer, and R restarts
+    multiply the whole by R. xla: `cost_analysis()` of the compiled program. XLA counts a loop body
     once, so the program is compiled with unrolled loops at 1–2 steps per stage and the
     (exactly linear) step dependence is extrapolated to the configured step counts.
     compile=False reads the cost analysis of the lowered (unoptimized) program instead:
@@ -1172,9 +1211,11 @@ def _flops(model, cfg: Config, hw: tuple[int, int], compile: bool) -> dict[str, 
     analytic = f_full + s1 * 2 * f_l0 + s2 * 4 * f_full + 2 * f_full
     if cfg.stage2_init != "stage1":   # `stage2_start`: a forward and a backward per l1 layer
         analytic += 2 * f_full * len(cfg.l1.split("+"))
+    r = cfg.restarts   # XLA counts the restarts' loop body once: count one, times R
+    analytic *= r
 
     def xla(n1: int, n2: int) -> float:
-        c = dataclasses.replace(cfg, stage1_steps=n1, stage2_steps=n2)
+        c = dataclasses.replace(cfg, stage1_steps=n1, stage2_steps=n2, restarts=1)
         fn = jax.jit(functools.partial(_gfi_batch, model.features, cfg=c, unroll=True))
         t = jax.ShapeDtypeStruct((1, 1), jnp.int32)
         lowered = fn.lower(model.params, x, t, None)
@@ -1185,6 +1226,6 @@ def _flops(model, cfg: Config, hw: tuple[int, int], compile: bool) -> dict[str, 
 
     base = xla(1, 1)
     per1, per2 = xla(2, 1) - base, xla(1, 2) - base
-    return {"xla": base + (s1 - 1) * per1 + (s2 - 1) * per2, "analytic": analytic,
+    return {"xla": r * (base + (s1 - 1) * per1 + (s2 - 1) * per2), "analytic": analytic,
             "forward": f_full, "forward_to_l0": f_l0,
-            "xla_stage1_step": per1, "xla_stage2_step": per2}
+            "xla_stage1_step": r * per1, "xla_stage2_step": r * per2}

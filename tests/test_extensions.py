@@ -186,3 +186,10 @@ def test_stage2_from_the_public_pieces_continues_from_stage1s_state(resnet, imag
     np.testing.assert_allclose(np.concatenate(rows), e.omega, rtol=1e-4, atol=1e-6)
     # Not a coincidence of a stage 2 that does nothing: ω moved in stage 2.
     assert not np.allclose(e.stage1_omega, e.omega)
+
+
+def test_stage1_state_with_restarts_is_refused(resnet, image):
+    # Two targets of one image may keep the stage 1 of different restarts: no single state.
+    with pytest.raises(ValueError, match=r"^Extensions\.stage1_state needs Config\.restarts=1"):
+        explain(resnet, image, G.Extensions(stage1_state=True),
+                cfg=dataclasses.replace(CFG, restarts=2))

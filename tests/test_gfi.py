@@ -158,6 +158,45 @@ def test_target_area_sets_the_mask_size(resnet, images):
     assert (a_small < a_large).all(), (a_small, a_large)
 
 
+def test_restart_starts():
+    """Restart 0 is the paper's constant start; the others scale each channel by a U(½, 3/2)
+    draw, different per restart and per seed, the same for every image."""
+    cfg = gfi_jax.preset()
+    np.testing.assert_array_equal(G.restart_start(cfg, jnp.int32(0), 5), np.ones(5))
+    u1, u2 = (np.asarray(G.restart_start(cfg, jnp.int32(r), 500)) for r in (1, 2))
+    assert (u1 >= 0.5).all() and (u1 < 1.5).all() and abs(u1.mean() - 1) < 0.05
+    assert not np.allclose(u1, u2)
+    other = np.asarray(G.restart_start(dataclasses.replace(cfg, seed=1), jnp.int32(1), 500))
+    assert not np.allclose(u1, other)
+
+
+def test_best_restart_picks_the_lowest_last_loss_per_row():
+    loss = np.array([[[5, 3.0], [5, 1.0]], [[5, 2.0], [5, 4.0]]])   # (R=2, N=2, steps=2)
+    runs = {"loss_trace": loss, "mask": np.arange(2 * 2 * 3).reshape(2, 2, 3)}
+    best = G.best_restart({k: jnp.asarray(v) for k, v in runs.items()})
+    np.testing.assert_array_equal(best["loss_trace"][:, -1], [2.0, 1.0])
+    np.testing.assert_array_equal(best["mask"], [runs["mask"][1, 0], runs["mask"][0, 1]])
+
+
+def test_restarts_keep_the_lowest_loss_and_the_batch_independence(resnet, images):
+    """With R restarts each row's last stage-2 loss is at most that of the single constant
+    start (restart 0 is that start), an image's answer is the same alone as in its batch,
+    and at least one of these rows found a lower loss elsewhere (else restarts did nothing)."""
+    base = gfi_jax.preset(stage1_steps=3, stage2_steps=6, lr=0.05)
+    one = gfi_jax.explain(resnet, images, preset=base)
+    cfg = dataclasses.replace(base, restarts=3)
+    three = gfi_jax.explain(resnet, images, preset=cfg)
+    l1, l3 = one.loss_trace[:, -1], three.loss_trace[:, -1]
+    assert (l3 <= l1 + 1e-5 * np.abs(l1)).all(), (l3, l1)
+    assert (l3 < l1 - 1e-4 * np.abs(l1)).any(), (l3, l1)
+    alone = gfi_jax.explain(resnet, images[:1], preset=cfg)
+    np.testing.assert_allclose(alone.mask[0], three.mask[0], atol=1e-5)
+    flops1 = G.flops(resnet, base, (64, 64), compile=False)
+    flops3 = G.flops(resnet, cfg, (64, 64), compile=False)
+    assert flops3["analytic"] == 3 * flops1["analytic"]
+    np.testing.assert_allclose(flops3["xla"], 3 * flops1["xla"], rtol=1e-9)
+
+
 def test_basis_from_two_layers(resnet, images):
     """l1 = "a+b": ω weighs both layers' channels, the coarser map resized to the finer grid
     (bilinear; with align_corners=False, jax.image.resize's grid)."""
@@ -248,6 +287,7 @@ def test_presets_and_overrides():
     ("delta", -0.5, ">= 0"),
     ("area", -1.0, ">= 0"),
     ("target_area", 1.5, "must be in (0, 1)"),
+    ("restarts", 0, ">= 1"),
     ("target_area", 0.2, "with area > 0 as its weight"),
     ("omega_init", float("nan"), "a finite number"),
     ("omega_max", float("inf"), "a finite number or None"),

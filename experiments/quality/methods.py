@@ -91,7 +91,7 @@ def describe(model, method: str, opts: dict, task: dict) -> dict:
 # Config fields added after rows were stored, with the value that computes exactly what the
 # program computed before the field existed (checked bit for bit when each was added): at that
 # value a field is left out of the description, so the stored rows keep their hash.
-ADDED_FIELDS = {"gfi": {"stage2_init": "stage1", "target_area": None}}
+ADDED_FIELDS = {"gfi": {"stage2_init": "stage1", "target_area": None, "restarts": 1}}
 
 
 def reduced(method: str, opts: dict) -> str:
