@@ -839,16 +839,19 @@ def stage2_start(problem: Problem, c: jax.Array, omega1: jax.Array) -> jax.Array
     channels raise c; their positive part (ω ≥ 0) is a class-specific start ("gradient"), or
     gates stage 1's ω ("gated"). Each l1 layer's part is scaled to mean `omega_init`, the scale
     Adam's steps are sized for (the normalized mask does not depend on it); a layer with no
-    positive α keeps stage 1's ω."""
+    positive α keeps stage 1's ω. With signed ω (`omega_min=None`) α keeps its sign, as
+    Grad-CAM's weights do, and is scaled to mean |α| = omega_init."""
     pb, cfg = problem, problem.cfg
     parts, start = [], 0
     for layer, n in zip(cfg.l1.split("+"), pb.splits):
         _, g, _ = class_gradient(pb.features, pb.params, pb.x, layer, c)
-        alpha = jnp.maximum(g.mean(axis=(1, 2)), 0.0).astype(omega1.dtype)
+        alpha = g.mean(axis=(1, 2)).astype(omega1.dtype)
+        if cfg.omega_min is not None:
+            alpha = jnp.maximum(alpha, 0.0)
         w1 = omega1[:, start:start + n]
         if cfg.stage2_init == "gated":
             alpha = alpha * w1
-        mean = alpha.mean(axis=1, keepdims=True)
+        mean = jnp.abs(alpha).mean(axis=1, keepdims=True)
         parts.append(jnp.where(mean > 0, alpha * (cfg.omega_init / jnp.where(mean > 0, mean, 1.0)),
                                w1))
         start += n

@@ -556,6 +556,19 @@ def test_stage2_start_is_the_positive_class_gradient_scaled(init):
     np.testing.assert_array_equal(none, np.asarray(omega1))
 
 
+def test_signed_stage2_start_is_the_class_gradient_scaled():
+    """With omega_min=None the start keeps α's sign (Grad-CAM's weights), mean |α| = omega_init."""
+    cfg = gfi_jax.preset("reference", stage2_init="gradient", omega_init=0.1, omega_min=None)
+    c = jnp.array([0, 2])
+    problem, w = _toy_problem(cfg, c)
+    omega1 = jnp.ones((2, 3), jnp.float32)
+    alpha = np.asarray(w)[:, [0, 2]].T
+    assert (alpha < 0).any() and (alpha > 0).any()   # the toy has both signs
+    expected = alpha * 0.1 / np.abs(alpha).mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(G.stage2_start(problem, c, omega1)), expected,
+                               rtol=1e-6)
+
+
 def test_gradient_start_of_stage2(resnet, images):
     """A gradient start changes the result, keeps masks finite and in [0, 1], starts stage 2's
     schedule afresh, and an image still gets the same answer alone as in its batch."""
