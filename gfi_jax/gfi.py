@@ -110,7 +110,8 @@ class Config:
 # The range of each number whose type alone admits nonsense (None, an unset bound, is exempt).
 # lr = 0 is allowed: it keeps ω at omega_init (the tests read the first losses that way).
 _RANGES = {"stage1_steps": (">=", 0), "stage2_steps": (">=", 0), "lr": (">=", 0),
-           "lr_decay": (">", 0), "lr_every": (">=", 1), "restarts": (">=", 1), "adam_eps": (">", 0),
+           "lr_decay": (">", 0), "lr_every": (">=", 1), "restarts": (">=", 1),
+           "adam_eps": (">", 0),
            "gamma": (">=", 0), "lam": (">=", 0), "delta": (">=", 0), "area": (">=", 0),
            "blur_sigma": (">", 0)}
 _OPS = {">=": operator.ge, ">": operator.gt}
@@ -1189,8 +1190,8 @@ def flops(model, cfg: Config, hw: tuple[int, int] = (224, 224),
     the clean forward F, stage 1 S₁·(F_l0 forward + F_l0 input gradient), stage 2
     S₂·2·(F + F) for Φ and Φ_bg, and the final 2F scoring pass (an input gradient costs what
     the forward costs); a gradient start of stage 2 adds 2F per l1 layer, and R restarts
-    multiply the whole by R. xla: `cost_analysis()` of the compiled program. XLA counts a loop body
-    once, so the program is compiled with unrolled loops at 1–2 steps per stage and the
+    multiply the whole by R. xla: `cost_analysis()` of the compiled program. XLA counts a
+    loop body once, so the program is compiled with unrolled loops at 1–2 steps per stage and the
     (exactly linear) step dependence is extrapolated to the configured step counts.
     compile=False reads the cost analysis of the lowered (unoptimized) program instead:
     no compile, which matters on accelerators, where compiling is slow.
