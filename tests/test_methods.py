@@ -166,6 +166,22 @@ def test_rise_known_answers():
     assert s[region == 1].mean() > s[region == 0].mean() + 0.05
 
 
+def test_rise_forward_batches_do_not_change_the_map():
+    """`batch` only splits the masked images into smaller forward passes: the same map at
+    every divisor of chunk, and a clear error at a non-divisor."""
+    region = np.zeros((SIZE, SIZE))
+    region[4:16, 10:24] = 1
+    images = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, SIZE, SIZE, 3)), jnp.float32)
+    f = _toy_features(region, 5.0)
+    maps = [np.asarray(rise(f, None, images, jnp.array([0, 0]),
+                            RiseConfig(masks=40, chunk=20, cells=4, batch=b))) for b in (20, 5, 1)]
+    assert np.abs(maps[0]).max() > 0
+    for m in maps[1:]:
+        np.testing.assert_allclose(m, maps[0], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="must divide chunk"):
+        rise(f, None, images, jnp.array([0, 0]), RiseConfig(masks=40, chunk=20, batch=3))
+
+
 def test_meaningful_perturbation_deletes_the_evidence():
     region = np.zeros((SIZE, SIZE))
     region[8:20, 8:20] = 1
