@@ -168,3 +168,19 @@ def test_main_fills_then_reports_from_the_store_alone(tmp_path, monkeypatch, ran
     assert "python -m experiments.quality.offline_benchmark --split test" in text
     assert "split: **test**" in text and "| Grad | 4 |" in text and "ROAD MoRF" in text
     assert (tmp_path / "q.png").stat().st_size > 1000
+
+
+def test_specs_run_the_reference_preset_once_where_it_is_the_default(random_resnet18):
+    """On a model whose default preset is 'reference' the table has one row for it, and
+    --methods 'GFI reference' selects that row."""
+    from types import SimpleNamespace
+
+    from experiments.quality import methods as M
+    args = lambda methods: SimpleNamespace(  # noqa: E731
+        methods=methods, gfi=[], smoothgrad_samples=2, ig_steps=2, rise_masks=10, mp_steps=2)
+    assert M.G.default_preset(random_resnet18.arch.name) == "reference"
+    names = list(M.specs(args(None), random_resnet18))
+    assert "GFI default (reference)" in names and "GFI reference" not in names
+    assert len(names) == 11 and "GFI paper" in names
+    assert list(M.specs(args("GFI reference,Grad"), random_resnet18)) == \
+        ["GFI default (reference)", "Grad"]

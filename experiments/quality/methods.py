@@ -40,6 +40,8 @@ def specs(args, model) -> dict[str, tuple[str, dict]]:
         "Meaningful Perturbation": ("meaningful_perturbation", {"steps": args.mp_steps}),
         "Center": ("center", {}),
     }
+    if default == "reference":  # one row, not the same preset run twice under two names
+        del out["GFI reference"]
     for spec in args.gfi:
         name, _, opts = spec.partition(":")
         if not name or not opts:
@@ -48,6 +50,8 @@ def specs(args, model) -> dict[str, tuple[str, dict]]:
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",")] + [s.partition(":")[0]
                                                                  for s in args.gfi]
+        alias = {"GFI reference": f"GFI default ({default})"} if default == "reference" else {}
+        wanted = [alias.get(w, w) for w in wanted]
         wanted = [next((k for k in out if k.startswith(w)), w) for w in wanted]
         unknown = [m for m in wanted if m not in out]
         if unknown:
