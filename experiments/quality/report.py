@@ -97,7 +97,9 @@ def markdown(args, model, specs, rows, costs, ds, items, figure_name: str) -> li
            "(per-item scores; the tables are regenerated from it)",
            "- GFLOP / map: analytic (convolutions and matmuls, an input gradient costed as one "
            "forward); s / map: measured on the machine below, median over stored items "
-           "(the first batch includes compiling)", ""]
+           "(the first batch includes compiling; fills often ran two at a time on a 2-core "
+           "machine, which can double a median: compare methods' speed in the "
+           "`bench_methods` tables)", ""]
     if "grid" in rows:
         out += [f"## Grid pointing game ({len(items['grid'])} mosaics requested)", "",
                 f"2×2 mosaics of {args.split} images correct alone with p >= "
