@@ -52,6 +52,28 @@ def test_store_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in s.folder.iterdir()] == ["x.jsonl"]     # no temporary left behind
 
 
+def _add_one_by_one(root, tag, start):
+    s = Store(root, "m")
+    start.wait()
+    for i in range(150):
+        s.add("Grad", [{"method": "Grad", "config": "c", "code": "1", "task": tag,
+                        "item": f"{tag}{i}", "scores": {}, "seconds": 0.0, "split": "test"}])
+
+
+def test_two_fills_sharing_a_store_keep_each_others_rows(tmp_path):
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_add_one_by_one, args=(tmp_path, tag, start))
+             for tag in ("grid", "image")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(Store(tmp_path, "m").rows("Grad")) == 300
+
+
 def test_bootstrap_intervals():
     v = np.random.default_rng(0).normal(1.0, 2.0, 400)
     m, lo, hi = stats.bootstrap_ci(v)

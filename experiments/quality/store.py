@@ -7,11 +7,16 @@ an item already stored under the same config and code is not computed again, and
 config or code makes the method's old rows invisible (they stay in the file, so switching
 back finds them). Every write replaces the whole file through a temporary name, so a run
 killed at any point leaves either the old file or the new one: nothing is lost or doubled.
+Each read-modify-write holds an exclusive lock on the model's folder, so two fills sharing
+a model (say RISE grids and MP images at once) cannot overwrite each other's new rows.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -56,6 +61,10 @@ class Store:
 
     def add(self, method: str, rows: Iterable[dict]) -> int:
         """Adds the rows whose (config, code, task, item) is not stored yet; returns how many."""
+        with self._locked():
+            return self._add(method, list(rows))
+
+    def _add(self, method: str, rows: list[dict]) -> int:
         old = self.rows(method)
         seen = {_key(r) for r in old}
         new = []
@@ -76,9 +85,22 @@ class Store:
 
     def set_probe(self, key: str, maps: np.ndarray) -> None:
         p = self.folder / "probes.json"
-        probes = json.loads(p.read_text()) if p.is_file() else {}
-        probes[key] = np.round(np.asarray(maps, np.float64), 8).tolist()
-        _write_lines(p, [json.dumps(probes, sort_keys=True)])
+        with self._locked():
+            probes = json.loads(p.read_text()) if p.is_file() else {}
+            probes[key] = np.round(np.asarray(maps, np.float64), 8).tolist()
+            _write_lines(p, [json.dumps(probes, sort_keys=True)])
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive advisory lock on this model's folder itself (no lock file to commit or
+        leave behind; released when the descriptor closes, also when the process dies)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
 
 def _key(row: dict) -> tuple:
