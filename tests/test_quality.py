@@ -169,6 +169,23 @@ def test_summary_ranks_and_pairs():
     json.dumps(s)
 
 
+def test_summary_table_bolds_the_best_and_pairs_with_the_default():
+    rows = lambda vals, key: {f"i{k}": {"scores": {key: v}, "seconds": 1.0}  # noqa: E731
+                              for k, v in enumerate(vals)}
+    base = np.random.default_rng(1).random(40)
+    grid = {"GFI default": rows(base, "energy"), "CAM": rows(base + 0.3, "energy")}
+    img = {n: {i: {"scores": {"deletion": v, "insertion": v, "road_morf": v}}
+               for i, v in zip(r, values)} for (n, r), values in
+           zip(grid.items(), (base, base + 0.1))}
+    lines = report.summary_table({"grid": grid, "image": img}, "GFI default",
+                                 {"GFI default": 232.0, "CAM": 0.8}, {"CAM": "x=1 (full: 2)"})
+    gfi, cam = lines[2].split(" | "), lines[3].split(" | ")
+    assert cam[0] == "| CAM, x=1 (full: 2)" and cam[1].startswith("**")   # best grid energy
+    assert cam[2].startswith("+0.300 [+0.300, +0.300] better") and gfi[2] == "—"
+    assert gfi[3].startswith("**") and not cam[3].startswith("**")    # lower deletion wins
+    assert cam[6].startswith("+0.100") and cam[6].endswith("worse") and cam[7] == "0.8 |"
+
+
 def test_main_fills_then_reports_from_the_store_alone(tmp_path, monkeypatch, random_resnet18):
     ds = _dataset(random_resnet18)
     monkeypatch.setattr(B.tasks, "load", lambda model, folder, size=None: ds)

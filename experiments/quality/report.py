@@ -81,6 +81,38 @@ def task_table(task: str, task_rows, default: str, costs, notes) -> list[str]:
     return common.table(header, lines)
 
 
+# The summary's columns: (task, metric) with a paired Δ column after the ones in PAIRED.
+SUMMARY = [("grid", "energy"), ("image", "deletion"), ("image", "insertion"),
+           ("image", "road_morf")]
+PAIRED = {("grid", "energy"), ("image", "road_morf")}
+
+
+def summary_table(rows, default: str, costs, notes) -> list[str]:
+    """One line per method over the headline metrics (the README's table): mean [95% CI],
+    the best mean in bold, the paired Δ to the default for grid energy and ROAD MoRF."""
+    sums = {(t, m): summary(rows.get(t, {}), default, m) for t, m in SUMMARY}
+    header = ["method"]
+    for t, m in SUMMARY:
+        label, higher = METRICS[t][m]
+        header.append(f"{label} {'↑' if higher else '↓'} (n)")
+        if (t, m) in PAIRED:
+            header.append("Δ vs default")
+    lines = []
+    for name in dict.fromkeys([*rows.get("grid", {}), *rows.get("image", {})]):
+        note = f", {notes[name]}" if notes.get(name) else ""
+        cells = [name + note]
+        for key in SUMMARY:
+            r = sums[key].get(name)
+            bold = r is not None and r["rank"] == 1
+            cells.append("—" if r is None else
+                         (f"**{r['ci'][0]:.3f}**" if bold else f"{r['ci'][0]:.3f}")
+                         + f" [{r['ci'][1]:.3f}, {r['ci'][2]:.3f}] ({r['n']})")
+            if key in PAIRED:
+                cells.append("—" if r is None else _diff(r, METRICS[key[0]][key[1]][1]))
+        lines.append(cells + [f"{costs[name]:.3g}"])
+    return common.table(header + ["GFLOP / map"], lines)
+
+
 def markdown(args, model, specs, rows, costs, ds, items, figure_name: str) -> list[str]:
     default = next(iter(specs))
     notes = {name: M.reduced(*spec) for name, spec in specs.items()}
@@ -99,7 +131,8 @@ def markdown(args, model, specs, rows, costs, ds, items, figure_name: str) -> li
            "forward); s / map: measured on the machine below, median over stored items "
            "(the first batch includes compiling; fills often ran two at a time on a 2-core "
            "machine, which can double a median: compare methods' speed in the "
-           "`bench_methods` tables)", ""]
+           "`bench_methods` tables)", "",
+           "## Summary", "", *summary_table(rows, default, costs, notes), ""]
     if "grid" in rows:
         out += [f"## Grid pointing game ({len(items['grid'])} mosaics requested)", "",
                 f"2×2 mosaics of {args.split} images correct alone with p >= "
