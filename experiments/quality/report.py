@@ -128,10 +128,11 @@ def markdown(args, model, specs, rows, costs, ds, items, figure_name: str) -> li
            f"- store: `{Path(args.store).relative_to(common.ROOT) if Path(args.store).is_relative_to(common.ROOT) else args.store}` "
            "(per-item scores; the tables are regenerated from it)",
            "- GFLOP / map: analytic (convolutions and matmuls, an input gradient costed as one "
-           "forward); s / map: measured on the machine below, median over stored items "
-           "(the first batch includes compiling; fills often ran two at a time on a 2-core "
-           "machine, which can double a median: compare methods' speed in the "
-           "`bench_methods` tables)", "",
+           "forward); s / map: measured while filling, median over stored items, on "
+           "whichever 2-core CPU VM filled them (Intel Xeon or AMD EPYC; the machine line "
+           "below is the one that wrote this report). The first batch includes compiling, "
+           "and fills often ran two at a time, which can double a median: compare methods' "
+           "speed in the `bench_methods` tables", "",
            "## Summary", "", *summary_table(rows, default, costs, notes), ""]
     if "grid" in rows:
         out += [f"## Grid pointing game ({len(items['grid'])} mosaics requested)", "",
