@@ -158,15 +158,18 @@ def figure(path: Path, grid_rows: dict[str, dict], costs: dict[str, float], titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
-    for name, rows in grid_rows.items():
-        if not rows:
-            continue
-        m, lo, hi = stats.bootstrap_ci(values(rows, "energy"))
-        x = max(costs[name], 1e-3)
+    placed: list[tuple[float, float]] = []     # (log10 x, label y) of the labels so far
+    points = [(name, stats.bootstrap_ci(values(rows, "energy")), len(rows))
+              for name, rows in grid_rows.items() if rows]
+    for name, (m, lo, hi), n in sorted(points, key=lambda p: -p[1][0]):
+        x = max(costs[name], 1e-3)             # a cost of 0 (Center) at the axis' left end
         color = "C3" if name.startswith("GFI") else "C0"
         ax.errorbar([x], [m], yerr=[[m - lo], [hi - m]], fmt="o", color=color, capsize=3)
-        ax.annotate(f"{name} (n={len(rows)})", (x, m), textcoords="offset points",
-                    xytext=(5, 4), fontsize=7)
+        y = m
+        while any(abs(np.log10(x) - px) < 1.5 and abs(y - py) < 0.014 for px, py in placed):
+            y -= 0.014                         # labels of nearby points stack downwards
+        placed.append((np.log10(x), y))
+        ax.annotate(f"{name} (n={n})", (x, m), xytext=(x * 1.25, y + 0.004), fontsize=7)
     ax.set_xscale("log")
     ax.axhline(0.25, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("analytic GFLOP per map (log scale)")
