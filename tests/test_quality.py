@@ -170,14 +170,14 @@ def test_summary_ranks_and_pairs():
 
 
 def test_summary_table_bolds_the_best_and_pairs_with_the_default():
-    rows = lambda vals, key: {f"i{k}": {"scores": {key: v}, "seconds": 1.0}  # noqa: E731
-                              for k, v in enumerate(vals)}
+    def rows(vals, keys):
+        return {f"i{k}": {"scores": dict.fromkeys(keys, v), "seconds": 1.0}
+                for k, v in enumerate(vals)}
     base = np.random.default_rng(1).random(40)
-    grid = {"GFI default": rows(base, "energy"), "CAM": rows(base + 0.3, "energy")}
-    img = {n: {i: {"scores": {"deletion": v, "insertion": v, "road_morf": v}}
-               for i, v in zip(r, values)} for (n, r), values in
-           zip(grid.items(), (base, base + 0.1))}
-    lines = report.summary_table({"grid": grid, "image": img}, "GFI default",
+    grid, image = list(report.METRICS["grid"]), list(report.METRICS["image"])
+    rows_ = {"grid": {"GFI default": rows(base, grid), "CAM": rows(base + 0.3, grid)},
+             "image": {"GFI default": rows(base, image), "CAM": rows(base + 0.1, image)}}
+    lines = report.summary_table(rows_, report.summaries(rows_, "GFI default"),
                                  {"GFI default": 232.0, "CAM": 0.8}, {"CAM": "x=1 (full: 2)"})
     gfi, cam = lines[2].split(" | "), lines[3].split(" | ")
     assert cam[0] == "| CAM, x=1 (full: 2)" and cam[1].startswith("**")   # best grid energy

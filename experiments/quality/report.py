@@ -43,6 +43,13 @@ def summary(task_rows: dict[str, dict], default: str, metric: str) -> dict[str, 
     return out
 
 
+def summaries(rows: dict[str, dict], default: str) -> dict[tuple[str, str], dict]:
+    """`summary` for every (task, metric) present, computed once: the bootstraps are the
+    report's slow part, and the summary and the task tables read the same numbers."""
+    return {(t, m): summary(task_rows, default, m)
+            for t, task_rows in rows.items() for m in METRICS[t]}
+
+
 def _ci(c) -> str:
     return f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]"
 
@@ -57,9 +64,8 @@ def _diff(r: dict, higher: bool) -> str:
     return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]{mark}"
 
 
-def task_table(task: str, task_rows, default: str, costs, notes) -> list[str]:
+def task_table(task: str, task_rows, sums, costs, notes) -> list[str]:
     metrics_ = METRICS[task]
-    sums = {m: summary(task_rows, default, m) for m in metrics_}
     header = ["method", "n"]
     for label, higher in metrics_.values():
         arrow = "↑" if higher else "↓"
@@ -73,7 +79,7 @@ def task_table(task: str, task_rows, default: str, costs, notes) -> list[str]:
             continue
         cells = [name, len(rows)]
         for m, (label, higher) in metrics_.items():
-            r = sums[m][name]
+            r = sums[task, m][name]
             cells += [f"{_ci(r['ci'])} ({r['rank']})", _diff(r, higher)]
         secs = np.median([row["seconds"] for row in rows.values()])
         cells += [f"{costs[name]:.3g}", f"{secs:.3g}", notes.get(name, "")]
@@ -87,10 +93,10 @@ SUMMARY = [("grid", "energy"), ("image", "deletion"), ("image", "insertion"),
 PAIRED = {("grid", "energy"), ("image", "road_morf")}
 
 
-def summary_table(rows, default: str, costs, notes) -> list[str]:
+def summary_table(rows, sums, costs, notes) -> list[str]:
     """One line per method over the headline metrics (the README's table): mean [95% CI],
-    the best mean in bold, the paired Δ to the default for grid energy and ROAD MoRF."""
-    sums = {(t, m): summary(rows.get(t, {}), default, m) for t, m in SUMMARY}
+    the best mean in bold, the paired Δ to the default for grid energy and ROAD MoRF.
+    `sums`: `summaries(rows, default)`."""
     header = ["method"]
     for t, m in SUMMARY:
         label, higher = METRICS[t][m]
@@ -102,7 +108,7 @@ def summary_table(rows, default: str, costs, notes) -> list[str]:
         note = f", {notes[name]}" if notes.get(name) else ""
         cells = [name + note]
         for key in SUMMARY:
-            r = sums[key].get(name)
+            r = sums.get(key, {}).get(name)
             bold = r is not None and r["rank"] == 1
             cells.append("—" if r is None else
                          (f"**{r['ci'][0]:.3f}**" if bold else f"{r['ci'][0]:.3f}")
@@ -116,6 +122,7 @@ def summary_table(rows, default: str, costs, notes) -> list[str]:
 def markdown(args, model, specs, rows, costs, ds, items, figure_name: str) -> list[str]:
     default = next(iter(specs))
     notes = {name: M.reduced(*spec) for name, spec in specs.items()}
+    sums = summaries(rows, default)
     n_test = len(ds.indices(args.split))
     out = [f"- split: **{args.split}** ({tasks.SPLIT_RULE}; {n_test} images of the "
            f"{len(ds.x)}); tuning used the tune split only",
@@ -133,13 +140,13 @@ def markdown(args, model, specs, rows, costs, ds, items, figure_name: str) -> li
            "below is the one that wrote this report). The first batch includes compiling, "
            "and fills often ran two at a time, which can double a median: compare methods' "
            "speed in the `bench_methods` tables", "",
-           "## Summary", "", *summary_table(rows, default, costs, notes), ""]
+           "## Summary", "", *summary_table(rows, sums, costs, notes), ""]
     if "grid" in rows:
         out += [f"## Grid pointing game ({len(items['grid'])} mosaics requested)", "",
                 f"2×2 mosaics of {args.split} images correct alone with p >= "
                 f"{args.min_confidence:g}, four classes, one random cell explained (chance "
                 "0.25). Mosaics share images, so the intervals are somewhat optimistic.", "",
-                *task_table("grid", rows["grid"], default, costs, notes), "",
+                *task_table("grid", rows["grid"], sums, costs, notes), "",
                 f"![quality against cost]({figure_name})", ""]
     if "image" in rows:
         out += [f"## Deletion, insertion and ROAD ({len(items['image'])} images requested)", "",
@@ -147,7 +154,7 @@ def markdown(args, model, specs, rows, costs, ds, items, figure_name: str) -> li
                 "steps, blurred substrate (σ 5 px). ROAD: noisy linear imputation (noise σ "
                 f"{args.road_noise:g} in input units) at 10, 30, 50, 70, 90% of the pixels, "
                 "the mean probability over the levels.", "",
-                *task_table("image", rows["image"], default, costs, notes), ""]
+                *task_table("image", rows["image"], sums, costs, notes), ""]
     return out
 
 
