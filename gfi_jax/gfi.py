@@ -736,13 +736,22 @@ def target_loss(omega: jax.Array, problem: Problem,
     area term)."""
     cfg = problem.cfg
     z_fg, z_bg, m = target_logits(omega, problem)
-    keep = class_score(z_fg, c, cfg.score, log=cfg.log_keep)
-    drop = class_score(z_bg, c, cfg.score, log=cfg.log_suppress)
-    per = -keep + cfg.lam * drop + cfg.delta * penalty(omega, cfg.stage2_penalty)
-    if cfg.area:
-        per = per + cfg.area * area_term(m, cfg.target_area)
+    per = mask_terms(m, z_fg, z_bg, c, cfg) + cfg.delta * penalty(omega, cfg.stage2_penalty)
     per = extra_terms(problem.ext.stage2_terms, "stage-2", per, omega, m, z_fg, z_bg, c)
     return per.sum(), per
+
+
+def mask_terms(m: jax.Array, z_fg: jax.Array, z_bg: jax.Array, c: jax.Array,
+               cfg: Config) -> jax.Array:
+    """The part of L_target that depends on the mask alone, per row: −f_c(Φ) + λ·f_c(Φ_bg)
+    (+ area·area_term(m)), from the logits of Φ and Φ_bg. The penalty on ω is left out: the
+    mask is normalized, so ω's scale, which the penalty sees, does not change it."""
+    keep = class_score(z_fg, c, cfg.score, log=cfg.log_keep)
+    drop = class_score(z_bg, c, cfg.score, log=cfg.log_suppress)
+    per = -keep + cfg.lam * drop
+    if cfg.area:
+        per = per + cfg.area * area_term(m, cfg.target_area)
+    return per
 
 
 def area_term(m: jax.Array, target: float | None) -> jax.Array:

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import gfi_jax
 from experiments.quality import offline_benchmark as B
 from experiments.quality import report, stats, tasks
 from experiments.quality.store import Store, config_hash
@@ -223,3 +224,17 @@ def test_specs_run_the_reference_preset_once_where_it_is_the_default(random_resn
     assert len(names) == 11 and "GFI paper" in names
     assert list(M.specs(args("GFI reference,Grad"), random_resnet18)) == \
         ["GFI default (reference)", "Grad"]
+
+
+def test_ties_probe_finds_no_gap_where_the_perturbed_run_is_the_same(random_resnet18):
+    from experiments.quality import ties
+    cfg = gfi_jax.preset("reference", stage1_steps=3, stage2_steps=4)
+    x = np.random.default_rng(0).normal(0, 1, (2, 64, 64, 3)).astype(np.float32)
+    t = np.array([3, 5])
+    table = ties.rows(random_resnet18, x, t, cfg, noise=0.0, seed=0)
+    bf16 = [r for r in table if r[1] == "bfloat16 vs float32"]
+    same = [r for r in table if r[1] == "input noise"]     # noise 0: the run alone again
+    assert len(bf16) == len(same) == 2
+    for r in same:     # J of m_v on the clean basis is J of m_a: the plumbing is consistent
+        assert r[3] == "1.000" and r[5] == r[6] and float(r[7]) == 0 and float(r[8]) == 0
+    assert all(np.isfinite(float(v)) for r in bf16 for v in r[3:])
