@@ -48,8 +48,9 @@ def preset_rows(model, x: np.ndarray, t: np.ndarray, preset: str, noise: float,
     return {k: [pearson(a, b) for a, b in zip(alone, v)] for k, v in variants.items()}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of this script and of `ties.py`: which images, presets and noise."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--weights", default=None, help="weights folder (default: the cache)")
     ap.add_argument("--data", default=str(DATA), help="imagenet-samples folder (with labels.csv)")
@@ -59,12 +60,22 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", type=float, default=1e-3, help="std of the input noise")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def images(args) -> tuple:
+    """(model, images x, true classes t, presets, items) for parsed `parser` arguments."""
     model = gfi_jax.load_model(args.model, weights=args.weights)
     ds = tasks.load(model, Path(args.data))
     items = tasks.image_items(ds, args.split, args.n, args.seed)
     x, t = ds.x[[it.index for it in items]], np.array([it.target for it in items])
     presets = (args.presets or gfi_jax.gfi.default_preset(model.name)).split(",")
+    return model, x, t, presets, items
+
+
+def main(argv=None) -> int:
+    args = parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    model, x, t, presets, items = images(args)
     lines = [f"- images: the first {len(items)} deletion images of the **{args.split}** split "
              f"(`tasks.image_items`), target: the true class; noise σ = {args.noise:g}", "",
              "| preset | test | worst | median | ≥ 0.98 | per image |", "|---|---|---|---|---|---|"]

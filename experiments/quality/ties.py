@@ -20,7 +20,6 @@ Writes experiments/results/ties_<model>_<split>_<backend>.md (command, machine, 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -32,7 +31,7 @@ import numpy as np
 
 import gfi_jax
 from experiments import common
-from experiments.quality import stability, tasks
+from experiments.quality import stability
 from gfi_jax import gfi as G
 
 PATH = np.linspace(0.0, 1.0, 11)   # points on the straight path m_a -> m_v
@@ -82,22 +81,8 @@ def rows(model, x, t, preset: str | G.Config, noise: float, seed: int) -> list[l
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="efficientnet_lite0")
-    ap.add_argument("--weights", default=None, help="weights folder (default: the cache)")
-    ap.add_argument("--data", default=str(stability.DATA))
-    ap.add_argument("--split", choices=list(tasks.SPLITS), default="test")
-    ap.add_argument("--n", type=int, default=16, help="number of images (stability.py's)")
-    ap.add_argument("--presets", default=None, help="comma list (default: the model's default)")
-    ap.add_argument("--noise", type=float, default=1e-3, help="std of the input noise")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    model = gfi_jax.load_model(args.model, weights=args.weights)
-    ds = tasks.load(model, Path(args.data))
-    items = tasks.image_items(ds, args.split, args.n, args.seed)
-    x, t = ds.x[[it.index for it in items]], np.array([it.target for it in items])
-    presets = (args.presets or G.default_preset(model.name)).split(",")
+    args = stability.parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    model, x, t, presets, items = stability.images(args)
     t0 = time.time()
     table = [r for p in presets for r in rows(model, x, t, p, args.noise, args.seed)]
     header = ["preset", "test", "image", "mask Pearson", "stage-2 drop D", "J(m_a)", "J(m_v)",
