@@ -208,6 +208,14 @@ def test_main_fills_then_reports_from_the_store_alone(tmp_path, monkeypatch, ran
     assert "python -m experiments.quality.offline_benchmark --split test" in text
     assert "split: **test**" in text and "| Grad | 4 |" in text and "ROAD MoRF" in text
     assert (tmp_path / "q.png").stat().st_size > 1000
+    B.main(args + ["--report-only", "--paired-with", "Center"], model=random_resnet18)
+    text = (tmp_path / "q.md").read_text()     # the first row is Grad; pair with another
+    assert "paired difference to **Center**" in text and "| Δ vs Center |" in text
+    summary = text.split("## Summary", 1)[1].split("## ", 1)[0].splitlines()
+    cells = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in summary if ln.startswith("| ")}
+    assert cells["Center"][2] == "—" and cells["Grad"][2][0] in "+-"   # Δ is to Center now
+    with pytest.raises(SystemExit, match="--paired-with 'Gard' is not a row"):
+        B.main(args + ["--report-only", "--paired-with", "Gard"], model=random_resnet18)
 
 
 def test_specs_run_the_reference_preset_once_where_it_is_the_default(random_resnet18):

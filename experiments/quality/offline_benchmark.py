@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--probe-tolerance", type=float, default=1e-3,
                     help="largest relative change of a method's probe maps under one code version")
     ap.add_argument("--report-only", action="store_true", help="no computing: tables from the store")
+    ap.add_argument("--paired-with", default=None,
+                    help="the row the Δ columns pair with (default: the first, the GFI default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--store", default=str(STORE))
     ap.add_argument("--out", default=None, help="results markdown (default: "
@@ -194,6 +196,9 @@ def main(argv=None, model=None) -> dict:
     deadline = t_start + args.limit_seconds if args.limit_seconds else float("inf")
     model = model or gfi_jax.load_model(args.model, weights=args.weights)
     specs = M.specs(args, model)
+    if args.paired_with is not None and args.paired_with not in specs:
+        raise SystemExit(f"--paired-with {args.paired_with!r} is not a row of this run; "
+                         f"choose one of: {', '.join(specs)}")
     ds = tasks.load(model, Path(args.data))
     items = {"grid": tasks.grid_items(ds, args.split, args.mosaics, args.seed,
                                       args.min_confidence),

@@ -64,12 +64,12 @@ def _diff(r: dict, higher: bool) -> str:
     return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]{mark}"
 
 
-def task_table(task: str, task_rows, sums, costs, notes) -> list[str]:
+def task_table(task: str, task_rows, sums, costs, notes, ref: str = "default") -> list[str]:
     metrics_ = METRICS[task]
     header = ["method", "n"]
     for label, higher in metrics_.values():
         arrow = "↑" if higher else "↓"
-        header += [f"{label} {arrow} (rank)", f"Δ {label} vs default"]
+        header += [f"{label} {arrow} (rank)", f"Δ {label} vs {ref}"]
     header += ["GFLOP / map", "s / map (median)", "settings"]
     lines = []
     for name, rows in task_rows.items():
@@ -93,7 +93,7 @@ SUMMARY = [("grid", "energy"), ("image", "deletion"), ("image", "insertion"),
 PAIRED = {("grid", "energy"), ("image", "road_morf")}
 
 
-def summary_table(rows, sums, costs, notes) -> list[str]:
+def summary_table(rows, sums, costs, notes, ref: str = "default") -> list[str]:
     """One line per method over the headline metrics (the README's table): mean [95% CI],
     the best mean in bold, the paired Δ to the default for grid energy and ROAD MoRF.
     `sums`: `summaries(rows, default)`."""
@@ -102,7 +102,7 @@ def summary_table(rows, sums, costs, notes) -> list[str]:
         label, higher = METRICS[t][m]
         header.append(f"{label} {'↑' if higher else '↓'} (n)")
         if (t, m) in PAIRED:
-            header.append("Δ vs default")
+            header.append(f"Δ vs {ref}")
     lines = []
     for name in dict.fromkeys([*rows.get("grid", {}), *rows.get("image", {})]):
         note = f", {notes[name]}" if notes.get(name) else ""
@@ -120,7 +120,8 @@ def summary_table(rows, sums, costs, notes) -> list[str]:
 
 
 def markdown(args, model, specs, rows, costs, ds, items, figure_name: str) -> list[str]:
-    default = next(iter(specs))
+    default = args.paired_with or next(iter(specs))
+    ref = "default" if default == next(iter(specs)) else default
     notes = {name: M.reduced(*spec) for name, spec in specs.items()}
     sums = summaries(rows, default)
     n_test = len(ds.indices(args.split))
@@ -129,7 +130,7 @@ def markdown(args, model, specs, rows, costs, ds, items, figure_name: str) -> li
            f"- model: {model.name} ({model.metadata.get('source', '?')}); input "
            f"{ds.x.shape[1]}²",
            "- means with 95% percentile-bootstrap intervals over items (10,000 resamples); "
-           "Δ: the paired difference to the first row, on the items both have, with its own "
+           f"Δ: the paired difference to **{default}**, on the items both have, with its own "
            "interval ('better'/'worse' where it excludes 0). (rank) is by mean among the rows "
            "and means little where intervals overlap",
            f"- store: `{Path(args.store).relative_to(common.ROOT) if Path(args.store).is_relative_to(common.ROOT) else args.store}` "
@@ -140,13 +141,13 @@ def markdown(args, model, specs, rows, costs, ds, items, figure_name: str) -> li
            "below is the one that wrote this report). The first batch includes compiling, "
            "and fills often ran two at a time, which can double a median: compare methods' "
            "speed in the `bench_methods` tables", "",
-           "## Summary", "", *summary_table(rows, sums, costs, notes), ""]
+           "## Summary", "", *summary_table(rows, sums, costs, notes, ref), ""]
     if "grid" in rows:
         out += [f"## Grid pointing game ({len(items['grid'])} mosaics requested)", "",
                 f"2×2 mosaics of {args.split} images correct alone with p >= "
                 f"{args.min_confidence:g}, four classes, one random cell explained (chance "
                 "0.25). Mosaics share images, so the intervals are somewhat optimistic.", "",
-                *task_table("grid", rows["grid"], sums, costs, notes), "",
+                *task_table("grid", rows["grid"], sums, costs, notes, ref), "",
                 f"![quality against cost]({figure_name})", ""]
     if "image" in rows:
         out += [f"## Deletion, insertion and ROAD ({len(items['image'])} images requested)", "",
@@ -154,7 +155,7 @@ def markdown(args, model, specs, rows, costs, ds, items, figure_name: str) -> li
                 "steps, blurred substrate (σ 5 px). ROAD: noisy linear imputation (noise σ "
                 f"{args.road_noise:g} in input units) at 10, 30, 50, 70, 90% of the pixels, "
                 "the mean probability over the levels.", "",
-                *task_table("image", rows["image"], sums, costs, notes), ""]
+                *task_table("image", rows["image"], sums, costs, notes, ref), ""]
     return out
 
 
